@@ -1,0 +1,1 @@
+"""Everything Ray: actors, the Ray executor, Ray Train hosting, job submission."""

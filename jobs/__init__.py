@@ -1,0 +1,1 @@
+"""User entry points: the `facegen` CLI, job specs and cluster submission."""

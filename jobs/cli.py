@@ -1,0 +1,57 @@
+"""`facegen` command line: dispatches to the sub-command modules in `jobs/commands/`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from models.errors import UserError
+
+# Sub-command modules, in the order `facegen --help` lists them. A module that is missing (a feature
+# not installed yet) is skipped rather than breaking the whole CLI.
+COMMAND_MODULES = [
+    "generate",
+    "index",
+    "audit",
+    "features",
+    "train",
+    "submit",
+    "models",
+    "convert",
+    "bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facegen",
+        description="Privacy-certified synthetic VIS+NIR face-recognition datasets, from a laptop to a Ray cluster.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"jobs.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"jobs.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"facegen: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
