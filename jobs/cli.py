@@ -26,7 +26,10 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facegen",
-        description="Privacy-certified synthetic VIS+NIR face-recognition datasets, from a laptop to a Ray cluster.",
+        description=(
+            "Privacy-certified synthetic VIS+NIR face-recognition datasets, "
+            "from a laptop to a Ray cluster."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

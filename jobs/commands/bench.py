@@ -1,0 +1,29 @@
+"""`facegen bench …`: benchmarks are a user feature; each reports ratios against a baseline measured
+in the same run. One module per benchmark in `jobs/benchmarks/`, each exposing `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = ["models", "filter", "generate", "train", "scaling"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure throughput on this machine (ratios against a same-run baseline)",
+        description=(
+            "Benchmarks. Each prints absolute rates and the ratio to a baseline measured in the same run."
+        ),
+    )
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for name in BENCHMARKS:
+        try:
+            module = importlib.import_module(f"jobs.benchmarks.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"jobs.benchmarks.{name}":
+                continue
+            raise
+        module.register(sub)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
