@@ -13,29 +13,9 @@ from typing import Any
 
 import torch
 
-from models.errors import UserError
 from models.layers import MappingNetwork
+from models.netconfig import config_from_dict, is_int, is_pow2, require
 from models.synthesis import SynthesisNetwork
-
-
-def _config_from_dict(cls, d: dict[str, Any], what: str):
-    """Shared by the network configs: reject unknown keys by name, then validate the values."""
-    if not isinstance(d, dict):
-        raise UserError(f"{what}: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise UserError(f"{what}: unknown keys {unknown} (known: {sorted(known)})")
-    return cls(**d)
-
-
-def _require(ok: bool, what: str, key: str, message: str) -> None:
-    if not ok:
-        raise UserError(f"{what}.{key}: {message}")
-
-
-def _is_pow2(v: Any) -> bool:
-    return isinstance(v, int) and v >= 4 and v & (v - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -61,27 +41,25 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         what = "generator"
         for key in ("z_dim", "c_dim", "nir_channels", "num_fp16_res"):
-            _require(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, what, key,
-                     "must be an integer >= 0")
+            require(is_int(getattr(self, key), 0), what, key, "must be an integer >= 0")
         for key in ("w_dim", "img_channels", "mapping_layers", "channel_base", "channel_max"):
-            _require(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, what, key,
-                     "must be an integer >= 1")
+            require(is_int(getattr(self, key), 1), what, key, "must be an integer >= 1")
         for key in ("embed_features", "layer_features"):
             v = getattr(self, key)
-            _require(v is None or (isinstance(v, int) and v >= 1), what, key,
+            require(v is None or is_int(v, 1), what, key,
                      "must be null or an integer >= 1")
-        _require(self.z_dim + self.c_dim > 0, what, "z_dim", "z_dim and c_dim cannot both be 0")
-        _require(_is_pow2(self.img_resolution), what, "img_resolution", "must be a power of two >= 4")
-        _require(self.conv_clamp is None or self.conv_clamp > 0, what, "conv_clamp", "must be null or > 0")
-        _require(self.mapping_lr_multiplier > 0, what, "mapping_lr_multiplier", "must be > 0")
-        _require(0 <= self.w_avg_beta < 1, what, "w_avg_beta", "must be in [0, 1)")
+        require(self.z_dim + self.c_dim > 0, what, "z_dim", "z_dim and c_dim cannot both be 0")
+        require(is_pow2(self.img_resolution), what, "img_resolution", "must be a power of two >= 4")
+        require(self.conv_clamp is None or self.conv_clamp > 0, what, "conv_clamp", "must be null or > 0")
+        require(self.mapping_lr_multiplier > 0, what, "mapping_lr_multiplier", "must be > 0")
+        require(0 <= self.w_avg_beta < 1, what, "w_avg_beta", "must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
-        return _config_from_dict(cls, d, "generator")
+        return config_from_dict(cls, d, "generator")
 
     @property
     def num_ws(self) -> int:
