@@ -1,0 +1,1 @@
+"""Importers: turn checkpoints in other projects' formats into our native modules, never executing code."""
