@@ -1,0 +1,247 @@
+"""Where enrolled embeddings come from: the original's identity_features.json, embedding tables, or
+image folders embedded here. Each returns an `EmbeddingSource` (raw, not yet normalised, vectors
+with identity and file labels, plus every input it skipped and why).
+
+Identity labels are strings: the part of the file name before the first '_' (`{identity}_{sample}.ext`,
+SPEC §1.4). File labels are paths relative to the source (the JSON key, or `VIS/0001_03.png`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from engine.storage import Storage
+from models.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+BAD_NAME = "file name is not {identity}_{sample}.ext"
+
+
+@dataclass
+class EmbeddingSource:
+    embeddings: np.ndarray  # float32 [M, dim], as produced (normalised later by build_index)
+    identities: np.ndarray  # object [M] of str
+    files: np.ndarray  # object [M] of str
+    description: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Counts of skipped inputs by reason (the reason's text before any ':' detail)."""
+        return dict(Counter(reason.split(":")[0] for _, reason in self.skipped))
+
+
+def identity_of_name(name: str) -> str | None:
+    """'0012_03.png' -> '0012'; None when the name has no '{identity}_' prefix."""
+    stem = posixpath.basename(name)
+    identity, sep, _ = stem.partition("_")
+    return identity if sep and identity else None
+
+
+def _read_bytes(path: str, storage_options: dict | None) -> bytes:
+    try:
+        with fsspec.open(path, "rb", **(storage_options or {})) as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+
+
+# ------------------------------------------------------------------------ identity_features.json
+def embeddings_from_identity_features(path: str, storage_options: dict | None = None) -> EmbeddingSource:
+    """The original's `identity_features.json`: {"<VIS file name>": [floats], ...} (SPEC §1.4)."""
+    try:
+        data = json.loads(_read_bytes(path, storage_options))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: expected a non-empty JSON object {{file name: [floats]}}")
+    files = list(data)
+    bad = [f for f in files if identity_of_name(f) is None]
+    if bad:
+        raise UserError(
+            f"{path}: {len(bad)} keys are not '{{identity}}_{{sample}}' file names, e.g. {bad[:3]}"
+        )
+    lengths = Counter(len(v) if isinstance(v, list) else -1 for v in data.values())
+    if len(lengths) != 1 or -1 in lengths:
+        dim = lengths.most_common(1)[0][0]
+        odd = next(f for f in files if not isinstance(data[f], list) or len(data[f]) != dim)
+        raise UserError(f"{path}: every value must be a list of {dim} numbers; '{odd}' is not")
+    try:
+        embeddings = np.asarray(list(data.values()), dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: feature values must be numbers ({err})") from None
+    identities = np.asarray([identity_of_name(f) for f in files], dtype=object)
+    return EmbeddingSource(embeddings, identities, np.asarray(files, dtype=object),
+                           f"identity_features.json {path}")
+
+
+# ---------------------------------------------------------------------------------- tables
+def embeddings_from_table(path: str, storage_options: dict | None = None) -> EmbeddingSource:
+    """A parquet table (columns embedding: list<float>, identity, file) or a `.npy` matrix with a
+    sidecar `<stem>.labels.csv` (header `identity,file`) or `<stem>.labels.parquet`, one row per row."""
+    if path.endswith(".parquet"):
+        return _from_parquet(path, storage_options)
+    if path.endswith(".npy"):
+        return _from_npy(path, storage_options)
+    raise UserError(f"{path}: an embedding table must be a .parquet file or a .npy matrix")
+
+
+def _from_parquet(path: str, storage_options: dict | None) -> EmbeddingSource:
+    try:
+        table = pq.read_table(io.BytesIO(_read_bytes(path, storage_options)))
+    except pa.ArrowInvalid as err:
+        raise UserError(f"{path}: not a readable parquet file ({err})") from None
+    missing = sorted({"embedding", "identity", "file"} - set(table.column_names))
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; need embedding (list<float>), identity, file")
+    column = table.column("embedding").combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)):
+        raise UserError(f"{path}: column 'embedding' must be a list of floats, not {column.type}")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if column.null_count or len(set(lengths.tolist())) != 1:
+        raise UserError(f"{path}: every 'embedding' must be a list of the same length (found "
+                        f"{sorted(set(lengths.tolist()))[:5]}, {column.null_count} nulls)")
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    embeddings = flat.reshape(table.num_rows, int(lengths[0]))
+    return EmbeddingSource(embeddings, _labels(table, "identity", path), _labels(table, "file", path),
+                           f"table {path}")
+
+
+def _labels(table: pa.Table, name: str, path: str) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count:
+        raise UserError(f"{path}: column '{name}' has {column.null_count} empty values")
+    return np.asarray([str(v) for v in column.to_pylist()], dtype=object)
+
+
+def _from_npy(path: str, storage_options: dict | None) -> EmbeddingSource:
+    try:
+        embeddings = np.load(io.BytesIO(_read_bytes(path, storage_options)), allow_pickle=False)
+    except ValueError as err:
+        raise UserError(f"{path}: not a numeric .npy matrix ({err})") from None
+    if embeddings.ndim != 2:
+        raise UserError(f"{path}: expected a [rows, dim] matrix, got shape {embeddings.shape}")
+    stem = path[: -len(".npy")]
+    fs, _ = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    csv_path, parquet_path = f"{stem}.labels.csv", f"{stem}.labels.parquet"
+    if fs.exists(fsspec.core.strip_protocol(csv_path)):
+        text = _read_bytes(csv_path, storage_options).decode("utf-8")
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if rows and not {"identity", "file"} <= set(rows[0]):
+            raise UserError(f"{csv_path}: needs a header with columns identity,file")
+        identities = np.asarray([r["identity"] for r in rows], dtype=object)
+        files = np.asarray([r["file"] for r in rows], dtype=object)
+        labels_path = csv_path
+    elif fs.exists(fsspec.core.strip_protocol(parquet_path)):
+        table = pq.read_table(io.BytesIO(_read_bytes(parquet_path, storage_options)))
+        identities, files = _labels(table, "identity", parquet_path), _labels(table, "file", parquet_path)
+        labels_path = parquet_path
+    else:
+        raise UserError(f"{path}: a .npy matrix needs its labels in {csv_path} or {parquet_path}")
+    if len(identities) != embeddings.shape[0]:
+        raise UserError(f"{labels_path}: {len(identities)} label rows for {embeddings.shape[0]} embeddings")
+    return EmbeddingSource(embeddings.astype(np.float32), identities, files, f"table {path}")
+
+
+# ---------------------------------------------------------------------------------- images
+def list_images(folder: Storage, include_nir: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative paths of the images to embed (VIS/, NIR/ when asked, else the flat folder), and the
+    files skipped because they are not images."""
+    subfolders = ["VIS", "NIR"] if include_nir else ["VIS"]
+    if not folder.exists("VIS"):
+        if include_nir:
+            raise UserError(f"{folder.url()}: --nir needs the VIS/ and NIR/ layout")
+        subfolders = [""]
+    paths, skipped = [], []
+    for sub in subfolders:
+        if sub and not folder.exists(sub):
+            raise UserError(f"{folder.url(sub)}: not found")
+        for name in folder.list(sub):
+            relative = posixpath.join(sub, name) if sub else name
+            if folder.fs.isdir(folder.path(relative)):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(relative)
+            else:
+                skipped.append((relative, "not an image file (extension)"))
+    return paths, skipped
+
+
+def _decode(folder: Storage, relative: str) -> np.ndarray | str:
+    """CHW uint8 RGB (NIR's single channel replicated), or the reason it cannot be decoded."""
+    try:
+        with Image.open(io.BytesIO(folder.read_bytes(relative))) as image:
+            return np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad file"
+        return f"undecodable image: {type(err).__name__}: {err}"
+
+
+def embed_image_batch(images: list[np.ndarray], embedder: Any) -> np.ndarray:
+    """Embed CHW uint8 images of possibly different sizes: one embedder call per distinct size."""
+    out = np.empty((len(images), embedder.dim), np.float32)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for positions in by_shape.values():
+        batch = torch.from_numpy(np.stack([images[i] for i in positions]))
+        out[positions] = embedder.embed(batch).detach().to("cpu", torch.float32).numpy()
+    return out
+
+
+def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int = 64, *,
+                           include_nir: bool = False, storage_options: dict | None = None,
+                           num_workers: int = 4, progress: bool = True) -> EmbeddingSource:
+    """Embed every image under `folder` (VIS/ and NIR/ with include_nir, or a flat folder).
+
+    Files that are not images, cannot be decoded or are not named `{identity}_{sample}.ext` are
+    skipped and listed with their reason. Decoding runs in threads while the embedder runs batches.
+    """
+    if batch_size <= 0:
+        raise UserError(f"--batch: {batch_size} must be positive")
+    storage = folder if isinstance(folder, Storage) else Storage(str(folder), storage_options)
+    if not storage.exists():
+        raise UserError(f"{storage.url()}: image folder not found")
+    paths, skipped = list_images(storage, include_nir)
+    named = [(p, identity_of_name(p)) for p in paths]
+    skipped += [(p, BAD_NAME) for p, identity in named if identity is None]
+    named = [(p, identity) for p, identity in named if identity is not None]
+    if not named:
+        raise UserError(f"{storage.url()}: no images named {{identity}}_{{sample}}.ext found")
+    vectors, identities, files = [], [], []
+    bar = tqdm(total=len(named), desc="embedding real images", unit="img", disable=not progress)
+    chunks = [named[start : start + batch_size] for start in range(0, len(named), batch_size)]
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        # Decode batch i+1 in threads while the embedder works on batch i.
+        pending = [pool.submit(_decode, storage, path) for path, _ in chunks[0]]
+        for i, chunk in enumerate(chunks):
+            decoded = [future.result() for future in pending]
+            if i + 1 < len(chunks):
+                pending = [pool.submit(_decode, storage, path) for path, _ in chunks[i + 1]]
+            good = [(item, image) for item, image in zip(chunk, decoded) if not isinstance(image, str)]
+            skipped += [(item[0], image) for item, image in zip(chunk, decoded) if isinstance(image, str)]
+            if good:
+                vectors.append(embed_image_batch([image for _, image in good], embedder))
+                identities += [identity for (_, identity), _ in good]
+                files += [path for (path, _), _ in good]
+            bar.update(len(chunk))
+    bar.close()
+    if not vectors:
+        raise UserError(f"{storage.url()}: none of {len(named)} images could be decoded")
+    return EmbeddingSource(np.concatenate(vectors), np.asarray(identities, dtype=object),
+                           np.asarray(files, dtype=object), f"images {storage.url()}", skipped)
