@@ -1,0 +1,133 @@
+"""The loaded models of a job and the one batched candidate computation every phase uses.
+
+A *candidate* is one (condition, latent key) pair: render it with G, convert to uint8 exactly as the
+saved image will be, embed it, and ask the privacy index for its most similar enrolled image. The
+embedding is computed from the uint8 image, so the certified similarity is the one an auditor gets
+from the PNG on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.index.search import PrivacyIndex
+from engine.seeding import Stream, draw_keys, normal
+from engine.spec import JobSpec
+from models.embedder import FaceEmbedder
+from models.errors import UserError
+from models.generator import Generator, images_to_uint8
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Candidates:
+    """A batch of rendered and embedded candidates; images on the CPU, ready to encode."""
+
+    vis: np.ndarray  # uint8 [N, R, R, 3]
+    nir: np.ndarray | None  # uint8 [N, R, R]
+    embedding: torch.Tensor  # float32 [N, dim], L2-normalised, on the bundle's device
+    real_sim: np.ndarray  # float32 [N]: max cosine to any enrolled image (VIS, and NIR if checked)
+    real_row: np.ndarray  # int64 [N]: the enrolled row that achieved it
+
+
+@dataclass
+class Bundle:
+    generator: Generator
+    embedder: FaceEmbedder
+    index: PrivacyIndex
+    device: torch.device
+    spec: JobSpec
+
+    @property
+    def c_dim(self) -> int:
+        return self.generator.c_dim
+
+    def render(
+        self, conditions: np.ndarray, latent_keys: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 NCHW images (VIS, NIR) for one batch; the per-sample draws come from the keys."""
+        g, spec = self.generator, self.spec.generator
+        z = torch.from_numpy(normal(latent_keys, g.z_dim)).to(self.device)
+        c = torch.from_numpy(conditions).to(self.device) if g.c_dim else None
+        noise = self._noise(latent_keys) if spec.noise_mode == "random" else None
+        dtype = _DTYPES[spec.dtype]
+        autocast = self.device.type == "cuda" and dtype != torch.float32
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
+            ws = g.mapping(z, c, truncation_psi=spec.truncation_psi, truncation_cutoff=spec.truncation_cutoff)
+            mode = "const" if noise is not None else spec.noise_mode
+            vis, nir = g.synthesis(ws, noise_mode=mode, noise=noise, fast=True)
+        return images_to_uint8(vis), None if nir is None else images_to_uint8(nir)
+
+    def _noise(self, latent_keys: np.ndarray) -> dict[str, torch.Tensor]:
+        # Per-sample noise from its own key, so 'random' noise is still independent of the batch.
+        noise = {}
+        for layer_number, (layer, (h, w)) in enumerate(self.generator.synthesis.noise_shapes().items()):
+            # The latent key already encodes (job seed, slot, attempt); the layer number separates layers.
+            keys = draw_keys(0, Stream.NOISE, latent_keys, layer_number)
+            values = normal(keys, h * w).reshape(len(latent_keys), 1, h, w)
+            noise[layer] = torch.from_numpy(values).to(self.device)
+        return noise
+
+    def evaluate(self, conditions: np.ndarray, latent_keys: np.ndarray) -> Candidates:
+        """Render, embed and privacy-query candidates in batches of `run.batch_size`."""
+        parts = []
+        step = self.spec.run.batch_size
+        for start in range(0, len(latent_keys), step):
+            parts.append(
+                self._evaluate_batch(conditions[start : start + step], latent_keys[start : start + step])
+            )
+        return _concat(parts)
+
+    def _evaluate_batch(self, conditions: np.ndarray, latent_keys: np.ndarray) -> Candidates:
+        vis, nir = self.render(conditions, latent_keys)
+        embedding = self.embedder.embed(vis).to(self.device, torch.float32)
+        sims, rows = self.index.max_similarity(embedding)
+        sims, rows = np.asarray(sims, np.float32), np.asarray(rows, np.int64)
+        if self.spec.privacy.check_nir and nir is not None:
+            nir_sims, nir_rows = self.index.max_similarity(self.embedder.embed(nir).to(self.device))
+            use_nir = np.asarray(nir_sims) > sims
+            sims = np.where(use_nir, nir_sims, sims).astype(np.float32)
+            rows = np.where(use_nir, nir_rows, rows).astype(np.int64)
+        # NaN embeddings must never pass the filter: make them maximally similar.
+        invalid = ~torch.isfinite(embedding).all(dim=1).cpu().numpy()
+        sims[invalid] = np.inf
+        return Candidates(
+            vis=vis.permute(0, 2, 3, 1).cpu().numpy(),
+            nir=None if nir is None else nir[:, 0].cpu().numpy(),
+            embedding=embedding,
+            real_sim=sims,
+            real_row=rows,
+        )
+
+
+def _concat(parts: list[Candidates]) -> Candidates:
+    first = parts[0]
+    return Candidates(
+        vis=np.concatenate([p.vis for p in parts]),
+        nir=None if first.nir is None else np.concatenate([p.nir for p in parts]),
+        embedding=torch.cat([p.embedding for p in parts]),
+        real_sim=np.concatenate([p.real_sim for p in parts]),
+        real_row=np.concatenate([p.real_row for p in parts]),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def check_compatible(generator: Generator, embedder: FaceEmbedder, index: PrivacyIndex) -> None:
+    """Refuse, before any work, model combinations that cannot produce a certified dataset."""
+    if generator.c_dim and generator.c_dim != embedder.dim:
+        raise UserError(
+            f"generator c_dim {generator.c_dim} != embedder width {embedder.dim}: the generator is "
+            "conditioned on identity features of another recognition model"
+        )
+    index.check_compatible(embedder)

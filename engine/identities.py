@@ -1,0 +1,59 @@
+"""`identities.parquet`: the persisted phase-2 decision. A resume reads it and never re-selects."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.phases import Identities
+from engine.storage import Storage
+
+IDENTITIES_FILE = "identities.parquet"
+
+
+def _vectors(matrix: np.ndarray) -> pa.Array:
+    width = matrix.shape[1]
+    flat = pa.array(np.ascontiguousarray(matrix, np.float32).reshape(-1), pa.float32())
+    if not width:
+        return pa.array([[]] * len(matrix), pa.list_(pa.float32()))
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def write_identities(storage: Storage, identities: Identities, selection_stats: dict) -> None:
+    table = pa.table(
+        {
+            "label": pa.array(np.arange(len(identities)), pa.int64()),
+            "slot": pa.array(identities.slot, pa.int64()),
+            "condition": _vectors(identities.condition),
+            "anchor": _vectors(identities.anchor),
+            "anchor_real_sim": pa.array(identities.anchor_real_sim, pa.float32()),
+            "anchor_real_identity": pa.array([str(x) for x in identities.anchor_real_identity], pa.string()),
+        }
+    )
+    table = table.replace_schema_metadata({"facegen.selection": json.dumps(selection_stats, sort_keys=True)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(IDENTITIES_FILE, buffer.getvalue())
+
+
+def _matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, np.float32).reshape(rows, -1) if rows else np.zeros((0, 0), np.float32)
+
+
+def read_identities(storage: Storage) -> tuple[Identities, dict]:
+    table = pq.read_table(io.BytesIO(storage.read_bytes(IDENTITIES_FILE)))
+    rows = table.num_rows
+    identities = Identities(
+        slot=table["slot"].to_numpy(),
+        condition=_matrix(table["condition"], rows),
+        anchor=_matrix(table["anchor"], rows),
+        anchor_real_sim=table["anchor_real_sim"].to_numpy(),
+        anchor_real_identity=np.array(table["anchor_real_identity"].to_pylist(), dtype=object),
+    )
+    metadata = table.schema.metadata or {}
+    return identities, json.loads(metadata.get(b"facegen.selection", b"{}"))

@@ -1,0 +1,165 @@
+"""The three generation phases (DESIGN "Generation"): propose, select, expand.
+
+Each is a function of the job spec, the loaded models and plain arrays; the local and the Ray
+executors only decide where and in which order they run. Decisions never depend on batch sizes:
+every candidate is a pure function of (seed, slot, attempt), and expand consumes attempts strictly
+in order, discarding any computed past the point where an identity is complete.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.bundle import Bundle
+from engine.quality import quality_gate
+from engine.seeding import Stream, draw_keys, random_directions
+
+# Rejection reasons, in the order they are checked: a candidate counts under the first it fails.
+REASONS = ("invalid", "privacy", "separability", "same", "quality", "diversity")
+
+
+@dataclass
+class Proposals:
+    """Phase-1 rows for a range of identity slots."""
+
+    slot: np.ndarray  # int64 [P]
+    condition: np.ndarray  # float32 [P, c_dim]
+    anchor: np.ndarray  # float32 [P, dim], L2-normalised
+    real_sim: np.ndarray  # float32 [P]
+    real_identity: np.ndarray  # str [P]
+    verdict: np.ndarray  # str [P]: 'ok' or the rejection reason
+
+
+def conditions_for(bundle: Bundle, slots: np.ndarray) -> np.ndarray:
+    spec = bundle.spec
+    keys = draw_keys(spec.seed, Stream.CONDITION, slots)
+    if bundle.c_dim == 0:
+        return np.zeros((len(slots), 0), np.float32)
+    return random_directions(keys, bundle.c_dim, spec.condition.norm)
+
+
+def propose(bundle: Bundle, slots: np.ndarray) -> Proposals:
+    """Condition + anchor image (attempt 0) per slot, embedded, privacy-queried and quality-gated."""
+    spec = bundle.spec
+    slots = np.asarray(slots, np.int64)
+    conditions = conditions_for(bundle, slots)
+    found = bundle.evaluate(conditions, draw_keys(spec.seed, Stream.LATENT, slots, 0))
+    verdict = np.full(len(slots), "ok", dtype=object)
+    verdict[~quality_gate(spec.filter.quality_gate)(found.vis)] = "quality"
+    verdict[found.real_sim > spec.privacy.threshold] = "privacy"
+    verdict[~np.isfinite(found.real_sim)] = "invalid"
+    return Proposals(
+        slot=slots,
+        condition=conditions,
+        anchor=found.embedding.float().cpu().numpy(),
+        real_sim=found.real_sim,
+        real_identity=bundle.index.identity_of(found.real_row).astype(object),
+        verdict=verdict,
+    )
+
+
+@dataclass
+class Selection:
+    """Phase 2, incremental: a deterministic greedy pass over proposals in slot order.
+
+    A passing slot is accepted if its anchor is at most `threshold` similar to every earlier accepted
+    anchor. Offering proposals in several calls gives the same result as one call with all of them.
+    """
+
+    wanted: int
+    threshold: float
+    rows: list[Proposals] = field(default_factory=list)
+    anchors: np.ndarray | None = None  # float32 [accepted, dim]
+    verdicts: Counter = field(default_factory=Counter)
+    offered: int = 0
+
+    @property
+    def accepted(self) -> int:
+        return 0 if self.anchors is None else len(self.anchors)
+
+    @property
+    def done(self) -> bool:
+        return self.accepted >= self.wanted
+
+    def offer(self, proposals: Proposals) -> None:
+        order = np.argsort(proposals.slot, kind="stable")
+        for start in range(0, len(order), 512):
+            if self.done:
+                return
+            self._offer_block(proposals, order[start : start + 512])
+
+    def _offer_block(self, proposals: Proposals, rows: np.ndarray) -> None:
+        verdict = proposals.verdict[rows].copy()
+        anchors = proposals.anchor[rows]
+        # Against everything accepted before this block: one matrix product.
+        if self.accepted:
+            too_close = (anchors @ self.anchors.T).max(axis=1) > self.threshold
+            verdict[(verdict == "ok") & too_close] = "separability"
+        # Within the block the greedy pass is sequential by nature; it is cheap (block x block).
+        within = anchors @ anchors.T
+        taken: list[int] = []
+        for i in range(len(rows)):
+            if self.accepted + len(taken) >= self.wanted:
+                verdict[i:] = "unused"
+                break
+            if verdict[i] != "ok":
+                continue
+            if taken and within[i, taken].max() > self.threshold:
+                verdict[i] = "separability"
+                continue
+            taken.append(i)
+        self.verdicts.update(v for v in verdict if v != "unused")
+        self.offered += int((verdict != "unused").sum())
+        if taken:
+            chosen = rows[np.asarray(taken)]
+            self.rows.append(_take(proposals, chosen))
+            new = proposals.anchor[chosen]
+            self.anchors = new if self.anchors is None else np.concatenate([self.anchors, new])
+
+
+def _take(p: Proposals, rows: np.ndarray) -> Proposals:
+    return Proposals(
+        p.slot[rows],
+        p.condition[rows],
+        p.anchor[rows],
+        p.real_sim[rows],
+        p.real_identity[rows],
+        p.verdict[rows],
+    )
+
+
+@dataclass
+class Identities:
+    """The phase-2 table: identity label i is row i."""
+
+    slot: np.ndarray  # int64 [N]
+    condition: np.ndarray  # float32 [N, c_dim]
+    anchor: np.ndarray  # float32 [N, dim]
+    anchor_real_sim: np.ndarray  # float32 [N]
+    anchor_real_identity: np.ndarray  # str [N]
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    @classmethod
+    def from_selection(cls, selection: Selection) -> Identities:
+        parts = selection.rows
+        cat = (lambda name: np.concatenate([getattr(p, name) for p in parts])) if parts else None
+        if not parts:
+            raise ValueError("no identity was accepted")
+        return cls(cat("slot"), cat("condition"), cat("anchor"), cat("real_sim"), cat("real_identity"))
+
+
+@dataclass
+class ExpandedShard:
+    """Accepted samples of one shard (in key order) and the shard's statistics."""
+
+    labels: np.ndarray
+    samples: np.ndarray
+    vis: np.ndarray
+    nir: np.ndarray | None
+    metas: list[dict]
+    stats: dict

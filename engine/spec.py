@@ -1,0 +1,228 @@
+"""The one typed job spec: YAML + `key=value` overrides -> a frozen, validated `JobSpec`.
+
+It lives in `engine` (not `jobs`) because the engine runs whole jobs from it and may not import
+`jobs`. Errors name the key: `privacy.threshold: must be in (0, 1)`. `spec_hash` covers only fields
+that change results; `run` (device, batch size, executor, workers) is left out so that a resume on
+other resources is accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _unit_interval(value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise ValueError("must be in (0, 1)")
+    return value
+
+
+class GeneratorSpec(_Section):
+    path: str = Field(description="generator checkpoint: native .safetensors or ArcBiFaceGAN .pkl")
+    truncation_psi: float = Field(0.7, ge=0.0, le=2.0)
+    truncation_cutoff: int | None = Field(None, ge=1)
+    noise_mode: Literal["const", "random", "none"] = "const"
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="reduced precision only on CUDA")
+
+
+class EmbedderSpec(_Section):
+    path: str = Field(description="face embedder: native iresnet .safetensors, insightface .pth or .onnx")
+
+
+class IndexSpec(_Section):
+    uri: str | None = Field(None, description="a privacy index built with `facegen index build`")
+    features: str | None = Field(None, description="compat: the original's identity_features.json")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    backend: Literal["auto", "faiss", "torch", "numpy"] = "auto"
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> IndexSpec:
+        if (self.uri is None) == (self.features is None):
+            raise ValueError("give exactly one of index.uri or index.features")
+        return self
+
+
+class ConditionSpec(_Section):
+    mode: Literal["random_direction"] = "random_direction"
+    norm: float = Field(4.0, gt=0.0, description="the original's 4 · normalize(randn)")
+
+
+class PrivacySpec(_Section):
+    threshold: float = Field(0.622, description="max cosine to any enrolled real image")
+    separability_threshold: float | None = Field(None, description="max cosine between identities")
+    check_nir: bool = Field(False, description="also embed the NIR image and certify it")
+
+    _check = field_validator("threshold")(_unit_interval)
+
+    @field_validator("separability_threshold")
+    @classmethod
+    def _check_separability(cls, value: float | None) -> float | None:
+        return None if value is None else _unit_interval(value)
+
+    @property
+    def separability(self) -> float:
+        # The original uses the privacy threshold for inter-identity separability too.
+        return self.threshold if self.separability_threshold is None else self.separability_threshold
+
+
+class FilterSpec(_Section):
+    same_threshold: float = Field(0.622, description="min cosine of a sample to its identity's anchor")
+    diversity_threshold: float = Field(0.853, description="max cosine between samples of one identity")
+    max_attempts: int = Field(2500, ge=1, description="candidates tried per identity before giving up")
+    max_slots: int | None = Field(None, ge=1, description="identity proposals tried (default 20 × ids)")
+    quality_gate: Literal["none"] = "none"
+
+    _check = field_validator("same_threshold", "diversity_threshold")(_unit_interval)
+
+
+class OutputSpec(_Section):
+    uri: str = Field(description="dataset root: a local path or any fsspec URI (s3://…)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("facegen", pattern=r"^[A-Za-z0-9_-]+$", description="shard file prefix")
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(1000, ge=1)
+    contact_sheets: int = Field(16, ge=0, description="identities shown in report.html")
+
+
+class RunSpec(_Section):
+    """How to run; never changes results, so it is left out of the spec hash."""
+
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray cluster address (ray executor)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    num_workers: int | None = Field(None, ge=1)
+    max_retries: int = Field(3, ge=0)
+
+
+class JobSpec(_Section):
+    name: str = "facegen"
+    seed: int = Field(0, ge=0, lt=2**63)
+    identities: int = Field(100, ge=1, le=99_999_999)
+    samples_per_identity: int = Field(32, ge=1, le=999)
+    generator: GeneratorSpec
+    embedder: EmbedderSpec
+    index: IndexSpec
+    condition: ConditionSpec = ConditionSpec()
+    privacy: PrivacySpec = PrivacySpec()
+    filter: FilterSpec = FilterSpec()
+    output: OutputSpec
+    run: RunSpec = RunSpec()
+
+    @property
+    def identities_per_shard(self) -> int:
+        return max(1, self.output.samples_per_shard // self.samples_per_identity)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.identities // self.identities_per_shard)
+
+    @property
+    def max_slots(self) -> int:
+        return self.filter.max_slots or 20 * self.identities
+
+
+# Fields that locate or schedule the work but do not change a single output byte.
+_UNHASHED = {"run": True, "output": {"uri": True, "storage_options": True}}
+
+
+def spec_hash(spec: JobSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json", exclude=_UNHASHED), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def spec_diff(a: JobSpec, b: JobSpec) -> list[str]:
+    """Dotted keys whose hashed values differ between two specs."""
+    left = _flatten(a.model_dump(mode="json", exclude=_UNHASHED))
+    right = _flatten(b.model_dump(mode="json", exclude=_UNHASHED))
+    return sorted(k for k in left.keys() | right.keys() if left.get(k) != right.get(k))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values: YAML scalars (numbers, true/false, null, lists), else the plain string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def build_spec(tree: dict[str, Any], overrides: list[str] = ()) -> JobSpec:
+    """Validate a spec tree after applying `key=value` overrides; errors name the dotted key."""
+    tree = json.loads(json.dumps(tree))  # deep copy, and JSON-only values
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. privacy.threshold=0.6")
+        key, text = item.split("=", 1)
+        apply_override(tree, key.strip(), parse_value(text))
+    try:
+        return JobSpec.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "spec"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] == "missing":
+            message = "required"
+        lines.append(f"{key}: {message}")
+    return "invalid job spec: " + "; ".join(lines)
+
+
+def load_spec_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: job file not found") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a job file must be a mapping of keys")
+    return tree
+
+
+def load_spec_yaml_text(text: str) -> JobSpec:
+    """A spec previously written by `spec_to_yaml` (e.g. a dataset's job.yaml)."""
+    return build_spec(yaml.safe_load(text) or {})
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,95 @@
+"""The end of a job: merge the shard markers into `report.json` / `report.html`.
+
+The privacy certificate is recomputed from the manifest (every written sample's certified maximum
+similarity), not trusted from the markers, so the report states what is actually on storage.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from engine.index.search import PrivacyIndex
+from engine.manifest import completed_shards
+from engine.phases import Identities
+from engine.reader import iter_dataset, read_manifest
+from engine.report import write_report
+from engine.spec import JobSpec, spec_hash
+from engine.storage import Storage
+
+
+def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dict, index: PrivacyIndex) -> dict:
+    markers = completed_shards(out)
+    stats = [m.get("stats", {}) for m in markers.values()]
+    rejected: Counter = Counter()
+    for s in stats:
+        rejected.update(s.get("rejected", {}))
+    manifest = read_manifest(out)
+    real_sims = _column(manifest, "privacy_max_sim")
+    attempts = sum(s.get("attempts", 0) for s in stats)
+    report = {
+        "job": {"name": spec.name, "seed": spec.seed, "spec_sha256": spec_hash(spec)},
+        "identities": {
+            "wanted": spec.identities,
+            "accepted": len(identities),
+            "proposed": selection.get("proposed"),
+            "proposal_verdicts": selection.get("verdicts", {}),
+            "exhausted": sum(s.get("exhausted_identities", 0) for s in stats),
+        },
+        "samples": {
+            "written": int(manifest.num_rows),
+            "wanted": len(identities) * spec.samples_per_identity,
+            "attempts": attempts,
+            "acceptance_rate": round(manifest.num_rows / attempts, 6) if attempts else None,
+            "rejected": dict(sorted(rejected.items())),
+        },
+        "shards": {"count": len(markers), "files": [m.get("file") for _, m in sorted(markers.items())]},
+        "privacy_certificate": {
+            "index_fingerprint": index.fingerprint,
+            "index_count": index.count,
+            "index_uri": spec.index.uri or spec.index.features,
+            "threshold": spec.privacy.threshold,
+            "separability_threshold": spec.privacy.separability,
+            "check_nir": spec.privacy.check_nir,
+            "max_real_similarity": float(real_sims.max()) if len(real_sims) else None,
+            "violations": int((real_sims > spec.privacy.threshold).sum()),
+        },
+        "filter": {
+            "same_threshold": spec.filter.same_threshold,
+            "diversity_threshold": spec.filter.diversity_threshold,
+            "max_attempts": spec.filter.max_attempts,
+        },
+    }
+    histograms = {
+        "privacy_max_sim": real_sims,
+        "anchor_sim": _column(manifest, "anchor_sim"),
+        "diversity_max_sim": _column(manifest, "diversity_max_sim"),
+    }
+    write_report(out, report, contact_sheets(out, spec.output.contact_sheets), histograms)
+    return report
+
+
+def _column(table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.zeros(0, np.float64)
+    values = table[name].to_numpy(zero_copy_only=False)
+    values = np.asarray([np.nan if v is None else v for v in values], np.float64) if values.dtype == object else values
+    return values[np.isfinite(values)]
+
+
+def contact_sheets(out: Storage, num_identities: int) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    """The first `num_identities` identities' samples, for the HTML report."""
+    if num_identities <= 0:
+        return {}
+    grouped: dict[int, list] = {}
+    for sample in iter_dataset(out):
+        if sample.label >= num_identities:
+            break
+        grouped.setdefault(sample.label, []).append(sample)
+    sheets = {}
+    for label, samples in grouped.items():
+        vis = np.stack([s.vis for s in samples])
+        nir = None if samples[0].nir is None else np.stack([s.nir for s in samples])
+        sheets[label] = (vis, nir)
+    return sheets
