@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +75,26 @@ def save_native(module: torch.nn.Module, path: str | os.PathLike, family: str | 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        _canonicalize_header(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _canonicalize_header(path: Path) -> None:
+    """Rewrite the JSON header with sorted keys so equal modules give byte-identical files.
+
+    safetensors writes its metadata map in hash order; tensor offsets are relative to the data section,
+    so only the 8-byte header length and the header itself change. Padding with spaces to a multiple of
+    8 keeps the data aligned, as safetensors itself does.
+    """
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + raw[8 + size:])
 
 
 def read_native_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -155,13 +173,30 @@ def load_native(path: str | os.PathLike) -> torch.nn.Module:
     return module.eval()
 
 
-def fingerprint_file(path: str | os.PathLike) -> str:
-    """sha256 of the file's bytes, as 'sha256:<hex>' (what a manifest records to name a model)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+def _fingerprint(family: str, config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps({"family": family, "config": config}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"sha256:{digest.hexdigest()}"
+
+
+def fingerprint_module(module: torch.nn.Module) -> str:
+    """'sha256:<hex>' of family, config and every tensor: the model's identity, whatever file it came from."""
+    config = json.loads(json.dumps(module.config.to_dict()))  # the same JSON types the header holds
+    return _fingerprint(family_of(module), config, module.state_dict())
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    """`fingerprint_module` of the model a native file holds, without building the module.
+
+    Content-addressed rather than a hash of the file's bytes, so a model converted from another format
+    keeps its fingerprint.
+    """
+    header = read_native_header(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable tensors ({err})") from None
+    return _fingerprint(header["family"], header["config"], tensors)

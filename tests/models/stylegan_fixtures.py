@@ -33,8 +33,10 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if "resample_filter" not in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+            if "resample_filter" in name or not tensor.is_floating_point():
+                continue
+            values = torch.randn(tensor.shape, generator=gen) * 0.5
+            tensor.copy_(values.abs() + 0.5 if name.endswith("running_var") else values)
     return module.eval()
 
 
