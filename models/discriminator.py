@@ -16,7 +16,7 @@ import torch
 
 from models.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 from models.netconfig import config_from_dict, is_int, is_pow2, require
-from models.ops import downsample2d, setup_filter
+from models.ops import downsample2d, fp16_supported, setup_filter
 
 ARCHITECTURES = ("orig", "skip", "resnet")
 
@@ -65,9 +65,7 @@ class DiscriminatorConfig:
 
 
 def _block_dtype(use_fp16: bool, x: torch.Tensor, force_fp32: bool) -> torch.dtype:
-    # fp16 only on CUDA, as upstream effectively runs fp32 on CPU; autocast callers decide themselves.
-    fp16 = use_fp16 and x.device.type == "cuda" and not force_fp32 and not torch.is_autocast_enabled("cuda")
-    return torch.float16 if fp16 else torch.float32
+    return torch.float16 if use_fp16 and not force_fp32 and fp16_supported(x.device) else torch.float32
 
 
 class DiscriminatorBlock(torch.nn.Module):

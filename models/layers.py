@@ -150,6 +150,7 @@ class MappingNetwork(torch.nn.Module):
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         for idx in range(self.num_layers):
             x = getattr(self, f"fc{idx}")(x)
+        x = x.to(torch.float32)  # ws stay fp32 even under the caller's autocast
 
         if update_emas and self.w_avg_beta is not None:
             self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))

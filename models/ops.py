@@ -21,6 +21,12 @@ ACTIVATIONS: dict[str, tuple[float, float]] = {
 }
 
 
+def fp16_supported(device: torch.device) -> bool:
+    """Whether fp16 blocks run in fp16: only on CUDA (upstream's CPU path is fp32), and not while the
+    caller's CUDA autocast manages precision itself."""
+    return device.type == "cuda" and not torch.is_autocast_enabled("cuda")
+
+
 def setup_filter(taps: Sequence[float] = (1, 3, 3, 1)) -> torch.Tensor:
     """Normalised 2-D FIR filter (outer product of the 1-D taps), as stored in `resample_filter` buffers."""
     f = torch.as_tensor(list(taps), dtype=torch.float32)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from models.layers import FullyConnectedLayer
-from models.ops import ACTIVATIONS, bias_act, modulated_conv2d, setup_filter, upsample2d
+from models.ops import ACTIVATIONS, bias_act, fp16_supported, modulated_conv2d, setup_filter, upsample2d
 
 NOISE_MODES = ("random", "const", "none")
 StyleDict = dict[str, torch.Tensor]
@@ -117,9 +117,7 @@ class SynthesisBlock(torch.nn.Module):
 
     def forward(self, x, img, nir, ws, styles: StyleDict, noise_mode: str, noise: dict,
                 fast: bool, force_fp32: bool):
-        on_cuda = ws.device.type == "cuda"
-        # fp16 only on CUDA (as upstream runs on CPU in fp32), and not when the caller's autocast decides.
-        fp16 = self.use_fp16 and on_cuda and not force_fp32 and not torch.is_autocast_enabled("cuda")
+        fp16 = self.use_fp16 and not force_fp32 and fp16_supported(ws.device)
         dtype = torch.float16 if fp16 else torch.float32
         s = {n: styles[n] if n in styles else layer.affine(w) for n, layer, w in self.style_layers(ws)}
         if self.in_channels == 0:
