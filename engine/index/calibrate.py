@@ -57,13 +57,17 @@ def genuine_pairs(identities: Sequence[str], max_pairs: int, rng: np.random.Gene
     exhaustive = total <= max_pairs
     pair_ids = np.arange(total, dtype=np.int64) if exhaustive else np.sort(rng.integers(0, total, max_pairs))
     group = np.searchsorted(ends, pair_ids, side="right")
-    q = pair_ids - (ends[group] - per_group[group])  # index of the pair inside its group
-    # Pair q of a group enumerates (a, b) with a < b ordered by b: q = b(b-1)/2 + a.
-    b = np.floor((1 + np.sqrt(1 + 8 * q.astype(np.float64))) / 2).astype(np.int64)
-    b -= b * (b - 1) // 2 > q  # correct float rounding either way
-    b += (b + 1) * b // 2 <= q
-    a = q - b * (b - 1) // 2
+    a, b = triangular_pair(pair_ids - (ends[group] - per_group[group]))  # pair index inside its group
     return order[starts[group] + a], order[starts[group] + b], exhaustive
+
+
+def triangular_pair(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pair number q -> (a, b), a < b, enumerating pairs by b then a: q = b(b-1)/2 + a."""
+    q = np.asarray(q, np.int64)
+    b = np.floor((1 + np.sqrt(1 + 8 * q.astype(np.float64))) / 2).astype(np.int64)
+    b -= b * (b - 1) // 2 > q  # float sqrt may be off by one either way for large q
+    b += (b + 1) * b // 2 <= q
+    return q - b * (b - 1) // 2, b
 
 
 def pair_scores(vectors: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

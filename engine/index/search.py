@@ -189,6 +189,7 @@ class PrivacyIndex:
     @classmethod
     def open(cls, uri_or_storage: str | Storage, storage_options: dict | None = None, *,
              backend: str = "auto", device: str = "cpu") -> PrivacyIndex:
+        resolve_backend(backend, str(device))  # a bad backend fails before any storage access
         storage = (uri_or_storage if isinstance(uri_or_storage, Storage)
                    else Storage(str(uri_or_storage), storage_options))
         return cls(storage, read_info(storage), backend=backend, device=device)
