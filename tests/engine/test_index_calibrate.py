@@ -115,8 +115,8 @@ def test_genuine_pairs_enumerate_every_same_identity_pair():
 
 
 def test_triangular_pair_decoding_is_exact_for_huge_groups():
-    # Around triangular numbers of b ~ 1e8 (q ~ 5e15), where float sqrt alone is off by one.
-    tri = np.array([10**8 + k for k in range(-3, 4)], np.int64)
+    # Around triangular numbers of b ~ 1e9 (q ~ 5e17), where float sqrt alone is off by one.
+    tri = np.arange(10**9 - 500, 10**9 + 500, dtype=np.int64)
     q = np.concatenate([tri * (tri - 1) // 2 + d for d in (-1, 0, 1)])
     a, b = triangular_pair(q)
     assert (a >= 0).all() and (a < b).all()
