@@ -2,9 +2,9 @@
 
 The HTML has no external assets: contact sheets are inline base64 PNGs, histograms inline SVG.
 Every string from the report is escaped. Report dict sections with a dedicated rendering:
-`totals` (key/value), `acceptance` (counts by reason, nested one level at most), `privacy` (the
-certificate: `index_fingerprint`, `threshold`, `max_real_similarity`, `violations`); all other
-top-level keys are shown as generic tables, and the full JSON is embedded at the end.
+`totals` (key/value), `acceptance` (counts by reason, nested one level at most), `privacy_certificate`
+(or `privacy`: `index_fingerprint`, `threshold`, `max_real_similarity`, `violations` and any extra
+fields); all other top-level keys are shown as generic tables, and the full JSON is embedded at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from engine.shards import to_jsonable
 from engine.storage import Storage
 
 CERTIFICATE_FIELDS = ("index_fingerprint", "threshold", "max_real_similarity", "violations")
+CERTIFICATE_KEYS = ("privacy_certificate", "privacy")  # the report key holding the certificate
+_SECTIONS = ("title", "totals", "acceptance", *CERTIFICATE_KEYS)
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
@@ -177,7 +179,7 @@ def render_html(report: dict[str, Any], contact_sheets: dict[int, Sheet] | None 
                 histogram_thresholds: dict[str, float] | None = None) -> str:
     """The report page as one HTML string (see the module docstring for the sections)."""
     title = str(report.get("title", "facegen dataset report"))
-    privacy = report.get("privacy") or {}
+    privacy = next((report[k] for k in CERTIFICATE_KEYS if report.get(k)), {})
     parts = [f"<h1>{_text(title)}</h1>"]
     if privacy:
         parts.append(_certificate(privacy))
@@ -201,7 +203,7 @@ def render_html(report: dict[str, Any], contact_sheets: dict[int, Sheet] | None 
                            "</figcaption></figure>")
         parts.append("<h2>Contact sheets</h2>" + "".join(figures))
     for name, value in sorted(report.items()):
-        if name not in ("title", "privacy", "totals", "acceptance"):
+        if name not in _SECTIONS:
             rows = _flatten(value) if isinstance(value, dict) else [(name, value)]
             parts.append(f"<h2>{_text(name)}</h2>{_table(rows)}")
     raw = html.escape(json.dumps(report, indent=2, sort_keys=True))

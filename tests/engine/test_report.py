@@ -129,8 +129,9 @@ def test_violations_fail_the_certificate(tmp_path):
     storage = Storage(str(tmp_path))
     privacy = {"index_fingerprint": "abc", "threshold": 0.5, "max_real_similarity": 0.61,
                "violations": [{"key": "00000003_001", "similarity": 0.61}]}
-    write_report(storage, {"privacy": privacy}, None, {"max real": np.array([0.2, 0.61])})
+    write_report(storage, {"privacy_certificate": privacy}, None, {"max real": np.array([0.2, 0.61])})
     page = storage.read_text("report.html")
     parse(page)
     assert "NOT CERTIFIED" in page and "00000003_001" in page and "threshold 0.5" in page
-    assert storage.read_json("report.json") == {"privacy": privacy}
+    assert page.count("<h2>Privacy certificate</h2>") == 1 and "<h2>privacy_certificate</h2>" not in page
+    assert storage.read_json("report.json") == {"privacy_certificate": privacy}
