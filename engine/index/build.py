@@ -111,6 +111,7 @@ def build_index(
         preprocessing=dict(preprocessing) if preprocessing is not None else None,
         source=source,
         dropped=dropped,
+        num_identities=int(len(np.unique(identities.astype(str)))),
         created_by=_created_by(),
     )
     write_info(out, info)  # last: only now is the index readable

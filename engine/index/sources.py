@@ -183,7 +183,7 @@ def list_images(folder: Storage, include_nir: bool = False) -> tuple[list[str], 
     return paths, skipped
 
 
-def _decode(folder: Storage, relative: str) -> np.ndarray | str:
+def decode_image(folder: Storage, relative: str) -> np.ndarray | str:
     """CHW uint8 RGB (NIR's single channel replicated), or the reason it cannot be decoded."""
     try:
         with Image.open(io.BytesIO(folder.read_bytes(relative))) as image:
@@ -206,11 +206,13 @@ def embed_image_batch(images: list[np.ndarray], embedder: Any) -> np.ndarray:
 
 def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int = 64, *,
                            include_nir: bool = False, storage_options: dict | None = None,
-                           num_workers: int = 4, progress: bool = True) -> EmbeddingSource:
+                           num_workers: int = 4, progress: bool = True,
+                           require_identity: bool = True) -> EmbeddingSource:
     """Embed every image under `folder` (VIS/ and NIR/ with include_nir, or a flat folder).
 
-    Files that are not images, cannot be decoded or are not named `{identity}_{sample}.ext` are
-    skipped and listed with their reason. Decoding runs in threads while the embedder runs batches.
+    Files that are not images, cannot be decoded or (with `require_identity`) are not named
+    `{identity}_{sample}.ext` are skipped and listed with their reason; without it such files get
+    identity "". Decoding runs in threads while the embedder runs batches.
     """
     if batch_size <= 0:
         raise UserError(f"--batch: {batch_size} must be positive")
@@ -219,20 +221,24 @@ def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int
         raise UserError(f"{storage.url()}: image folder not found")
     paths, skipped = list_images(storage, include_nir)
     named = [(p, identity_of_name(p)) for p in paths]
-    skipped += [(p, BAD_NAME) for p, identity in named if identity is None]
-    named = [(p, identity) for p, identity in named if identity is not None]
+    if require_identity:
+        skipped += [(p, BAD_NAME) for p, identity in named if identity is None]
+        named = [(p, identity) for p, identity in named if identity is not None]
+    else:
+        named = [(p, identity or "") for p, identity in named]
     if not named:
-        raise UserError(f"{storage.url()}: no images named {{identity}}_{{sample}}.ext found")
+        wanted = "named {identity}_{sample}.ext " if require_identity else ""
+        raise UserError(f"{storage.url()}: no images {wanted}found")
     vectors, identities, files = [], [], []
     bar = tqdm(total=len(named), desc="embedding real images", unit="img", disable=not progress)
     chunks = [named[start : start + batch_size] for start in range(0, len(named), batch_size)]
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         # Decode batch i+1 in threads while the embedder works on batch i.
-        pending = [pool.submit(_decode, storage, path) for path, _ in chunks[0]]
+        pending = [pool.submit(decode_image, storage, path) for path, _ in chunks[0]]
         for i, chunk in enumerate(chunks):
             decoded = [future.result() for future in pending]
             if i + 1 < len(chunks):
-                pending = [pool.submit(_decode, storage, path) for path, _ in chunks[i + 1]]
+                pending = [pool.submit(decode_image, storage, path) for path, _ in chunks[i + 1]]
             good = [(item, image) for item, image in zip(chunk, decoded) if not isinstance(image, str)]
             skipped += [(item[0], image) for item, image in zip(chunk, decoded) if isinstance(image, str)]
             if good:

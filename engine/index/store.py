@@ -51,6 +51,7 @@ class IndexInfo:
     source: str = ""
     thresholds: tuple[dict, ...] = ()
     dropped: dict = field(default_factory=dict)  # reason -> count, rows refused or skipped upstream
+    num_identities: int | None = None
     created_by: str = "facegen"
     metric: str = METRIC
     format_version: int = FORMAT_VERSION
@@ -88,6 +89,7 @@ class IndexInfo:
                 source=str(data.get("source", "")),
                 thresholds=tuple(data.get("thresholds", ())),
                 dropped=dict(data.get("dropped", {})),
+                num_identities=data.get("num_identities"),
                 created_by=str(data.get("created_by", "")),
             )
         except (KeyError, TypeError, ValueError) as err:

@@ -1,0 +1,228 @@
+"""`facegen index build|calibrate|info|query`: the privacy index of real identity embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from engine.index import (
+    BACKENDS,
+    DEFAULT_FMRS,
+    PrivacyIndex,
+    build_index,
+    calibrate,
+    embeddings_from_identity_features,
+    embeddings_from_images,
+    embeddings_from_table,
+    normalize_rows,
+)
+from engine.storage import Storage
+from models.errors import UserError
+
+SHOW_SKIPPED = 10  # skipped files listed by name; the rest are counted
+
+
+def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs -> fsspec storage options. Dotted keys nest (`client_kwargs.endpoint_url=…`);
+    values are parsed as JSON when they can be (numbers, booleans, objects), else kept as strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--storage-option: {pair!r} is not KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise UserError(f"--storage-option: {key!r} conflicts with an earlier non-nested value")
+        target[leaf] = value
+    return options
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for every URI (repeatable; dotted keys nest)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "index", help="build, calibrate, inspect and query the privacy index of real identities",
+        description="The privacy index: every enrolled real image's embedding, searched exactly.")
+    sub = parser.add_subparsers(dest="index_command", metavar="ACTION")
+
+    build = sub.add_parser("build", help="embed or import real identities and write an index")
+    build.add_argument("out", help="index location (folder or fsspec URI, e.g. s3://bucket/index)")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", help="the original's identity_features.json")
+    source.add_argument("--table", help="embedding table: .parquet (embedding, identity, file) or .npy + labels")
+    source.add_argument("--images", help="image folder (VIS/ [NIR/] or flat), files {identity}_{sample}.ext")
+    build.add_argument("--embedder", help="face embedder (.safetensors, .pth, .onnx): embeds --images; "
+                       "with --features/--table it records its fingerprint")
+    build.add_argument("--shard-size", type=int, default=1_000_000, help="rows per shard (default 1e6)")
+    build.add_argument("--nir", action="store_true", help="with --images: enrol NIR/ images too")
+    build.add_argument("--batch", type=int, default=64, help="images per embedder call")
+    build.add_argument("--device", default="cpu", help="embedder device (cpu, cuda, cuda:1)")
+    build.add_argument("--drop-invalid", action="store_true",
+                       help="drop non-finite/zero embeddings (counted in index.json) instead of refusing")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    _add_common(build)
+    build.set_defaults(func=run_build)
+
+    cal = sub.add_parser("calibrate", help="set decision thresholds at target false-match rates")
+    cal.add_argument("uri")
+    cal.add_argument("--fmr", type=float, action="append", help=f"target FMR (repeatable; default {DEFAULT_FMRS})")
+    cal.add_argument("--max-impostor-pairs", type=int, default=20_000_000)
+    cal.add_argument("--max-genuine-pairs", type=int, default=5_000_000)
+    cal.add_argument("--seed", type=int, default=0)
+    _add_common(cal)
+    cal.set_defaults(func=run_calibrate)
+
+    info = sub.add_parser("info", help="print an index's description")
+    info.add_argument("uri")
+    info.add_argument("--json", action="store_true", help="print index.json as is")
+    _add_common(info)
+    info.set_defaults(func=run_info)
+
+    query = sub.add_parser("query", help="nearest enrolled images of query embeddings or images")
+    query.add_argument("uri")
+    queries = query.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--embeddings", help=".npy matrix [N, dim] (normalised here)")
+    queries.add_argument("--images", help="folder of query images (needs --embedder)")
+    query.add_argument("--embedder", help="face embedder for --images; must match the index")
+    query.add_argument("--top", type=int, default=1, help="nearest rows per query (default 1)")
+    query.add_argument("--backend", choices=BACKENDS, default="auto")
+    query.add_argument("--device", default="cpu")
+    query.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_common(query)
+    query.set_defaults(func=run_query)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _load_embedder(path: str, device: str):
+    from models.loading import load_embedder
+
+    return load_embedder(path).to(device)
+
+
+# ----------------------------------------------------------------------------------- build
+def run_build(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_option)
+    embedder = _load_embedder(args.embedder, args.device) if args.embedder else None
+    if args.images:
+        if embedder is None:
+            raise UserError("index build --images: needs --embedder to embed the images")
+        source = embeddings_from_images(args.images, embedder, args.batch, include_nir=args.nir,
+                                        storage_options=options)
+    else:
+        if args.nir:
+            raise UserError("index build: --nir applies to --images only")
+        source = (embeddings_from_identity_features(args.features, options) if args.features
+                  else embeddings_from_table(args.table, options))
+    if embedder is not None and source.embeddings.shape[1] != embedder.dim:
+        raise UserError(f"index build: the source holds {source.embeddings.shape[1]}-d embeddings but "
+                        f"--embedder {args.embedder} produces {embedder.dim}-d")
+    info = build_index(
+        source.embeddings, source.identities, source.files, Storage(args.out, options),
+        embedder_fingerprint=embedder.fingerprint if embedder else None,
+        preprocessing=embedder.preprocessing.to_dict() if embedder else None,
+        shard_size=args.shard_size, source=source.description, drop_invalid=args.drop_invalid,
+        dropped=source.skipped_by_reason(), overwrite=args.overwrite)
+    print(f"wrote {args.out}: {info.count} embeddings of {info.num_identities} identities, dim {info.dim}, "
+          f"{info.num_shards} shard(s)")
+    for path, reason in source.skipped[:SHOW_SKIPPED]:
+        print(f"skipped {path}: {reason}")
+    for reason, count in sorted(info.dropped.items()):
+        print(f"dropped {count}: {reason}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- calibrate
+def run_calibrate(args: argparse.Namespace) -> int:
+    index = PrivacyIndex.open(args.uri, parse_storage_options(args.storage_option), backend="numpy")
+    entries = calibrate(index, args.fmr or DEFAULT_FMRS, max_impostor_pairs=args.max_impostor_pairs,
+                        max_genuine_pairs=args.max_genuine_pairs, seed=args.seed)
+    for entry in entries:
+        print(_threshold_line(entry))
+    return 0
+
+
+def _threshold_line(entry: dict) -> str:
+    tmr = "n/a" if entry.get("tmr") is None else f"{entry['tmr']:.4f}"
+    return (f"FMR {entry['fmr']:.0e}: threshold {entry['threshold']:.6f}  TMR {tmr}  "
+            f"({entry['num_impostor_pairs']} impostor / {entry['num_genuine_pairs']} genuine pairs)")
+
+
+# ------------------------------------------------------------------------------------ info
+def run_info(args: argparse.Namespace) -> int:
+    index = PrivacyIndex.open(args.uri, parse_storage_options(args.storage_option))
+    info = index.info
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2, sort_keys=True))
+        return 0
+    print(f"index        {index.storage.uri}")
+    print(f"embeddings   {info.count}")
+    print(f"identities   {info.num_identities if info.num_identities is not None else 'unknown'}")
+    print(f"dim          {info.dim} (metric {info.metric})")
+    print(f"shards       {info.num_shards}")
+    print(f"embedder     {info.embedder_fingerprint or 'unknown (not recorded)'}")
+    if info.preprocessing:
+        print(f"preprocess   {json.dumps(info.preprocessing, sort_keys=True)}")
+    print(f"source       {info.source or '-'}")
+    for reason, count in sorted(info.dropped.items()):
+        print(f"dropped      {count}: {reason}")
+    if not info.thresholds:
+        print("thresholds   none (run `facegen index calibrate`)")
+    for entry in info.thresholds:
+        print(f"threshold    {_threshold_line(entry)}")
+    print(f"created by   {info.created_by}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- query
+def _query_embeddings(args: argparse.Namespace, index: PrivacyIndex, options: dict
+                      ) -> tuple[np.ndarray, list[str]]:
+    if args.embeddings:
+        try:
+            matrix = np.load(args.embeddings, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{args.embeddings}: not a readable .npy matrix ({err})") from None
+        if matrix.ndim != 2 or matrix.shape[1] != index.dim:
+            raise UserError(f"{args.embeddings}: shape {matrix.shape}, the index needs [N, {index.dim}]")
+        vectors, _ = normalize_rows(matrix)
+        vectors[~np.isfinite(matrix).all(axis=1) | ~vectors.any(axis=1)] = np.nan  # answered NaN, row -1
+        return vectors, [str(i) for i in range(len(vectors))]
+    if not args.embedder:
+        raise UserError("index query --images: needs --embedder")
+    embedder = _load_embedder(args.embedder, args.device)
+    index.check_compatible(embedder)
+    source = embeddings_from_images(args.images, embedder, storage_options=options, require_identity=False)
+    for path, reason in source.skipped:
+        print(f"skipped {path}: {reason}")
+    return source.embeddings, source.files.tolist()
+
+
+def run_query(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_option)
+    index = PrivacyIndex.open(args.uri, options, backend=args.backend, device=args.device)
+    queries, names = _query_embeddings(args, index, options)
+    sims, rows = index.search(queries, args.top)
+    identities, files = index.identity_of(rows), index.file_of(rows)
+    if not args.json:
+        print("query\trank\tsimilarity\tidentity\tfile")
+    for i, name in enumerate(names):
+        for rank in range(args.top):
+            record = {"query": name, "rank": rank + 1, "similarity": float(sims[i, rank]),
+                      "row": int(rows[i, rank]), "identity": identities[i, rank], "file": files[i, rank]}
+            if args.json:
+                print(json.dumps(record))
+            else:
+                print(f"{name}\t{rank + 1}\t{record['similarity']:.6f}\t{record['identity']}\t{record['file']}")
+    return 0
