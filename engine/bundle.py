@@ -73,9 +73,9 @@ class Bundle:
         return noise
 
     def evaluate(self, conditions: np.ndarray, latent_keys: np.ndarray) -> Candidates:
-        """Render, embed and privacy-query candidates in batches of `run.batch_size`."""
+        """Render, embed and privacy-query candidates in batches of `batch_size`."""
         parts = []
-        step = self.spec.run.batch_size
+        step = self.spec.batch_size
         for start in range(0, len(latent_keys), step):
             parts.append(
                 self._evaluate_batch(conditions[start : start + step], latent_keys[start : start + step])

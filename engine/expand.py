@@ -38,7 +38,7 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
         if not active.size:
             break
         per_id = np.minimum(
-            -(-spec.run.batch_size // len(active)), limits.max_attempts - state.next_attempt[active]
+            -(-spec.batch_size // len(active)), limits.max_attempts - state.next_attempt[active]
         )
         owner = np.repeat(active, per_id)
         position = np.arange(len(owner)) - np.repeat(np.cumsum(per_id) - per_id, per_id)

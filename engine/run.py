@@ -89,11 +89,10 @@ def select_identities(bundle: Bundle, out: Storage, progress: bool = True) -> tu
         return read_identities(out)
     spec = bundle.spec
     selection = Selection(wanted=spec.identities, threshold=spec.privacy.separability)
-    chunk = max(4 * spec.run.batch_size, 64)
     next_slot = 0
     with tqdm(total=spec.identities, desc="identities", unit="id", disable=not progress) as bar:
         while not selection.done and next_slot < spec.max_slots:
-            count = min(chunk, spec.max_slots - next_slot)
+            count = min(spec.proposal_block, spec.max_slots - next_slot)
             selection.offer(propose(bundle, np.arange(next_slot, next_slot + count)))
             next_slot += count
             bar.update(selection.accepted - bar.n)

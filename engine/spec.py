@@ -102,7 +102,6 @@ class RunSpec(_Section):
     executor: Literal["local", "ray"] = "local"
     address: str | None = Field(None, description="Ray cluster address (ray executor)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(16, ge=1)
     num_workers: int | None = Field(None, ge=1)
     max_retries: int = Field(3, ge=0)
 
@@ -112,6 +111,9 @@ class JobSpec(_Section):
     seed: int = Field(0, ge=0, lt=2**63)
     identities: int = Field(100, ge=1, le=99_999_999)
     samples_per_identity: int = Field(32, ge=1, le=999)
+    # Batches are fixed units of work (same slots/attempts in every executor), so the batch size is part
+    # of the result: it can change the last bits of a similarity, hence it is hashed.
+    batch_size: int = Field(16, ge=1, description="candidates per model call")
     generator: GeneratorSpec
     embedder: EmbedderSpec
     index: IndexSpec
@@ -132,6 +134,11 @@ class JobSpec(_Section):
     @property
     def max_slots(self) -> int:
         return self.filter.max_slots or 20 * self.identities
+
+    @property
+    def proposal_block(self) -> int:
+        """Slots per proposal unit; units are aligned so every executor evaluates the same batches."""
+        return 4 * self.batch_size
 
 
 # Fields that locate or schedule the work but do not change a single output byte.

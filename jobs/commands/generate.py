@@ -32,7 +32,7 @@ COMPAT_FLAGS = {
     "executor": "run.executor",
     "address": "run.address",
     "device": "run.device",
-    "batch": "run.batch_size",
+    "batch": "batch_size",
 }
 
 
