@@ -34,18 +34,27 @@ from models.errors import UserError
 
 def _prepare_queries(queries: Any, dim: int, backend: str, device: str) -> tuple[Any, np.ndarray]:
     """Queries in the backend's type (numpy, or torch on the device) with non-finite rows zeroed,
-    plus the numpy mask of finite rows."""
-    q = queries if isinstance(queries, torch.Tensor) else torch.from_numpy(np.asarray(queries))
-    if q.ndim != 2 or q.shape[1] != dim:
-        raise UserError(f"privacy query: queries must be [N, {dim}], got {tuple(q.shape)}")
-    q = q.to(torch.device(device) if backend == "torch" else "cpu", torch.float32).contiguous()
-    finite = torch.isfinite(q).all(dim=1)
-    norms = torch.linalg.vector_norm(q, dim=1)
-    if bool(((norms - 1).abs() > NORM_TOLERANCE)[finite].any()):
+    plus the numpy mask of finite rows. Checks run where the data is (small torch CPU ops are slow)."""
+    if tuple(queries.shape[1:]) != (dim,) or len(queries.shape) != 2:
+        raise UserError(f"privacy query: queries must be [N, {dim}], got {tuple(queries.shape)}")
+    if backend == "torch":
+        q = queries if isinstance(queries, torch.Tensor) else torch.from_numpy(np.asarray(queries))
+        q = q.to(torch.device(device), torch.float32).contiguous()
+        finite = torch.isfinite(q).all(dim=1)
+        bad_norm = (torch.linalg.vector_norm(q, dim=1) - 1).abs() > NORM_TOLERANCE
+        q = torch.where(finite[:, None], q, torch.zeros((), dtype=q.dtype, device=q.device))
+        finite, bad_norm = finite.cpu().numpy(), bad_norm.cpu().numpy()
+    else:
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().cpu().numpy()
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        finite = np.isfinite(q).all(axis=1)
+        bad_norm = np.abs(np.linalg.norm(q, axis=1) - 1) > NORM_TOLERANCE
+        if not finite.all():
+            q = np.where(finite[:, None], q, np.float32(0))
+    if bad_norm[finite].any():
         raise ValueError("privacy query: queries must be L2-normalised (unit norm rows)")
-    q = torch.where(finite[:, None], q, torch.zeros((), dtype=q.dtype, device=q.device))
-    finite_np = finite.cpu().numpy()
-    return (q if backend == "torch" else q.numpy()), finite_np
+    return q, finite
 
 
 def reduce_max(results: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
