@@ -166,11 +166,13 @@ def network_from_record(record: Any, what: str, source: str) -> torch.nn.Module:
     return module.eval()
 
 
-def load_stylegan_pickle(path: str | os.PathLike, what: tuple[str, ...] = ("G_ema",)) -> dict[str, Any]:
-    """`{name: module}` for each requested entry; also `augment_p` (ADA probability) when present."""
+def load_stylegan_pickle(path: str | os.PathLike, what: tuple[str, ...] = ("G_ema",),
+                         optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`{name: module}` for each entry of `what` (required) and `optional` (None when absent), plus
+    `augment_p` (the ADA probability, or None) and `training_set_kwargs`."""
     source = str(Path(path))
     snapshot = read_snapshot(path)
-    unknown = [w for w in what if w not in NETWORK_KEYS]
+    unknown = [w for w in (*what, *optional) if w not in NETWORK_KEYS]
     if unknown:
         raise UserError(f"{source}: cannot extract {unknown}; choose from {list(NETWORK_KEYS)}")
     missing = [w for w in what if snapshot.get(w) is None]
@@ -178,6 +180,8 @@ def load_stylegan_pickle(path: str | os.PathLike, what: tuple[str, ...] = ("G_em
         present = [k for k in NETWORK_KEYS if snapshot.get(k) is not None]
         raise UserError(f"{source}: snapshot has no {missing} (it has {present})")
     out: dict[str, Any] = {w: network_from_record(snapshot[w], w, source) for w in what}
+    for w in optional:
+        out[w] = network_from_record(snapshot[w], w, source) if snapshot.get(w) is not None else None
     pipe = snapshot.get("augment_pipe")
     p = flatten_state_dict(pipe).get("p") if isinstance(pipe, PersistentRecord) else None
     out["augment_p"] = float(p.reshape(-1)[0]) if p is not None and p.numel() else None
