@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from models.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
-from models.netconfig import config_from_dict, is_int, is_pow2, require
+from models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
 from models.ops import downsample2d, fp16_supported, setup_filter
 
 ARCHITECTURES = ("orig", "skip", "resnet")
@@ -53,8 +53,9 @@ class DiscriminatorConfig:
             require(v is None or is_int(v, 1), what, key, "must be null or an integer >= 1")
         require(is_pow2(self.img_resolution, 8), what, "img_resolution", "must be a power of two >= 8")
         require(self.architecture in ARCHITECTURES, what, "architecture", f"must be one of {ARCHITECTURES}")
-        require(self.conv_clamp is None or self.conv_clamp > 0, what, "conv_clamp", "must be null or > 0")
-        require(self.mapping_lr_multiplier > 0, what, "mapping_lr_multiplier", "must be > 0")
+        require(self.conv_clamp is None or is_number(self.conv_clamp, 0), what, "conv_clamp",
+                "must be null or a number > 0")
+        require(is_number(self.mapping_lr_multiplier, 0), what, "mapping_lr_multiplier", "must be a number > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from models.layers import MappingNetwork
-from models.netconfig import config_from_dict, is_int, is_pow2, require
+from models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
 from models.synthesis import SynthesisNetwork
 
 
@@ -50,9 +50,10 @@ class GeneratorConfig:
                      "must be null or an integer >= 1")
         require(self.z_dim + self.c_dim > 0, what, "z_dim", "z_dim and c_dim cannot both be 0")
         require(is_pow2(self.img_resolution), what, "img_resolution", "must be a power of two >= 4")
-        require(self.conv_clamp is None or self.conv_clamp > 0, what, "conv_clamp", "must be null or > 0")
-        require(self.mapping_lr_multiplier > 0, what, "mapping_lr_multiplier", "must be > 0")
-        require(0 <= self.w_avg_beta < 1, what, "w_avg_beta", "must be in [0, 1)")
+        require(self.conv_clamp is None or is_number(self.conv_clamp, 0), what, "conv_clamp",
+                "must be null or a number > 0")
+        require(is_number(self.mapping_lr_multiplier, 0), what, "mapping_lr_multiplier", "must be a number > 0")
+        require(is_number(self.w_avg_beta, 0, 1, low_inclusive=True), what, "w_avg_beta", "must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

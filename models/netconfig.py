@@ -28,5 +28,12 @@ def is_int(v: Any, minimum: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
 
+def is_number(v: Any, low: float, high: float = float("inf"), low_inclusive: bool = False) -> bool:
+    """A real number (not bool) in (low, high) / [low, high)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v < high:
+        return False
+    return v >= low if low_inclusive else v > low
+
+
 def is_pow2(v: Any, minimum: int = 4) -> bool:
     return is_int(v, minimum) and v & (v - 1) == 0

@@ -107,16 +107,13 @@ class SynthesisBlock(torch.nn.Module):
         return self.conv_names() + [f"{self.name}.{h}" for h in heads]
 
     def style_layers(self, ws: torch.Tensor) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
-        """(name, layer, w) for every modulated layer of the block, in w order."""
-        out = [(n, getattr(self, n.split(".")[1]), ws[:, i]) for i, n in enumerate(self.conv_names())]
-        w_rgb = ws[:, self.num_conv]
-        out.append((f"{self.name}.torgb", self.torgb, w_rgb))
-        if hasattr(self, "toseg"):
-            out.append((f"{self.name}.toseg", self.toseg, w_rgb))
-        return out
+        """(name, layer, w) for every modulated layer of the block; the heads share the last w."""
+        return [(name, getattr(self, name.split(".")[1]), ws[:, min(i, self.num_conv)])
+                for i, name in enumerate(self.style_names())]
 
-    def forward(self, x, img, nir, ws, styles: StyleDict, noise_mode: str, noise: dict,
-                fast: bool, force_fp32: bool):
+    def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, nir: torch.Tensor | None,
+                ws: torch.Tensor, styles: StyleDict, noise_mode: str, noise: dict[str, torch.Tensor],
+                fast: bool, force_fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         fp16 = self.use_fp16 and not force_fp32 and fp16_supported(ws.device)
         dtype = torch.float16 if fp16 else torch.float32
         s = {n: styles[n] if n in styles else layer.affine(w) for n, layer, w in self.style_layers(ws)}

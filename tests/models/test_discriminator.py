@@ -176,3 +176,5 @@ def test_config_round_trip_and_errors():
         DiscriminatorConfig(architecture="stylegan3")
     with pytest.raises(UserError, match="discriminator.img_resolution"):
         DiscriminatorConfig(img_resolution=4)
+    with pytest.raises(UserError, match="discriminator.mbstd_group_size"):
+        DiscriminatorConfig.from_dict({"mbstd_group_size": 0})

@@ -353,6 +353,10 @@ def test_config_json_round_trip_and_errors():
         GeneratorConfig.from_dict({"img_resolution": 48})
     with pytest.raises(UserError, match="generator.nir_channels"):
         GeneratorConfig(nir_channels=-1)
+    with pytest.raises(UserError, match="generator.conv_clamp"):
+        GeneratorConfig.from_dict({"conv_clamp": "256"})
+    with pytest.raises(UserError, match="generator.w_avg_beta"):
+        GeneratorConfig(w_avg_beta=1.0)
 
 
 def test_images_to_uint8_matches_original_conversion():
