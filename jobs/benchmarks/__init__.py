@@ -1,0 +1,1 @@
+"""`facegen bench` benchmarks, one module each, every one exposing `register(subparsers)`."""
