@@ -58,7 +58,7 @@ def load_bundle(spec: JobSpec, out: Storage | None = None) -> Bundle:
 
     device = resolve_device(spec.run.device)
     generator = load_generator(spec.generator.path).to(device).eval().requires_grad_(False)
-    embedder = load_embedder(spec.embedder.path).to(device)
+    embedder = load_embedder(spec.embedder.path, **spec.embedder.preprocessing).to(device)
     index = open_index(spec, embedder, out)
     check_compatible(generator, embedder, index)
     return Bundle(generator, embedder, index, device, spec)

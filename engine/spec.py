@@ -38,6 +38,9 @@ class GeneratorSpec(_Section):
 
 class EmbedderSpec(_Section):
     path: str = Field(description="face embedder: native iresnet .safetensors, insightface .pth or .onnx")
+    preprocessing: dict[str, Any] = Field(
+        default_factory=dict, description="overrides: input_size, mean, std, channel_order, resize_mode"
+    )
 
 
 class IndexSpec(_Section):

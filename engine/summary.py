@@ -44,7 +44,7 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
             "acceptance_rate": round(manifest.num_rows / attempts, 6) if attempts else None,
             "rejected": dict(sorted(rejected.items())),
         },
-        "shards": {"count": len(markers), "files": [m.get("file") for _, m in sorted(markers.items())]},
+        "shards": {"count": len(markers), "files": [m.get("shard_file") for _, m in sorted(markers.items())]},
         "privacy_certificate": {
             "index_fingerprint": index.fingerprint,
             "index_count": index.count,

@@ -11,6 +11,7 @@ from models.errors import UserError
 # Sub-command modules, in the order `facegen --help` lists them. A module that is missing (a feature
 # not installed yet) is skipped rather than breaking the whole CLI.
 COMMAND_MODULES = [
+    "demo",
     "generate",
     "index",
     "audit",

@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
               f"shards of up to {spec.identities_per_shard} identities; at most {spec.max_slots} identity "
               f"proposals; executor {spec.run.executor}; output {spec.output.uri}")
         return 0
-    report = execute(spec, args.resume)
+    return print_summary(spec, execute(spec, args.resume))
+
+
+def print_summary(spec: JobSpec, report: dict) -> int:
     cert = report["privacy_certificate"]
     print(f"wrote {report['samples']['written']} samples of {report['identities']['accepted']} identities "
           f"in {report['shards']['count']} shards to {spec.output.uri}")

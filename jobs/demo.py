@@ -1,0 +1,74 @@
+"""The demo: everything the example job needs, made on the spot, then the job itself.
+
+Until trained demo weights exist, the models are random-initialised (seeded, so every machine gets
+the same ones) and the "real" population is a set of faces from the same generator under an
+unrelated seed, enrolled into a real privacy index. Every stage is the production code path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from engine.index.build import build_index
+from engine.seeding import Stream, draw_keys, normal, random_directions
+from engine.spec import JobSpec, build_spec
+from engine.storage import Storage
+from models.checkpoint import save_native
+from models.embedder import FaceEmbedder
+from models.generator import Generator, GeneratorConfig, images_to_uint8
+from models.iresnet import IResNet, IResNetConfig
+from models.loading import load_embedder
+
+EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
+EMBEDDING_DIM = 64
+POPULATION_SEED = 4242
+
+
+def demo_models(folder: Path) -> tuple[Path, Path]:
+    """A 64² dual-branch generator and an r18-shaped embedder of matching width, seeded."""
+    torch.manual_seed(0)
+    generator = Generator(GeneratorConfig(
+        z_dim=64, c_dim=EMBEDDING_DIM, w_dim=64, img_resolution=64, channel_base=1024, channel_max=64,
+        mapping_layers=2, num_fp16_res=0))
+    embedder = IResNet(IResNetConfig(depth=18, embedding_dim=EMBEDDING_DIM, input_size=64, base_width=8))
+    folder.mkdir(parents=True, exist_ok=True)
+    return (save_native(generator, folder / "generator.safetensors"),
+            save_native(embedder, folder / "embedder.safetensors"))
+
+
+def enrol_population(generator: Generator, embedder: FaceEmbedder, target: Storage, count: int = 400) -> None:
+    """Stand-ins for enrolled real people: faces from an unrelated seed, embedded and indexed."""
+    slots = np.arange(count)
+    conditions = torch.from_numpy(random_directions(draw_keys(POPULATION_SEED, Stream.CONDITION, slots),
+                                                    generator.c_dim, 4.0))
+    latents = torch.from_numpy(normal(draw_keys(POPULATION_SEED, Stream.LATENT, slots, 0), generator.z_dim))
+    with torch.inference_mode():
+        vis, _ = generator(latents, conditions, truncation_psi=0.7, fast=True)
+    embeddings = embedder.embed(images_to_uint8(vis)).numpy()
+    identities = [f"{i:05d}" for i in range(count)]
+    build_index(embeddings, identities, [f"{i}_0.png" for i in identities], target,
+                embedder_fingerprint=embedder.fingerprint, preprocessing=embedder.preprocessing.to_dict(),
+                source=f"demo population: {count} generated stand-ins, seed {POPULATION_SEED}")
+
+
+def prepare_demo(folder: str | Path) -> JobSpec:
+    """Write models, index and `job.yaml` under `folder`; return the job's spec."""
+    from models.loading import load_generator
+
+    folder = Path(folder).resolve()
+    generator_path, embedder_path = demo_models(folder / "models")
+    index = Storage(str(folder / "index"))
+    if not index.exists("index.json"):
+        enrol_population(load_generator(generator_path), load_embedder(embedder_path), index)
+    tree = yaml.safe_load(EXAMPLE.read_text())
+    tree["generator"]["path"] = str(generator_path)
+    tree["embedder"]["path"] = str(embedder_path)
+    tree["index"]["uri"] = str(folder / "index")
+    tree["output"]["uri"] = str(folder / "dataset")
+    spec = build_spec(tree)
+    (folder / "job.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    return spec
