@@ -21,10 +21,17 @@ ACTIVATIONS: dict[str, tuple[float, float]] = {
 }
 
 
+def autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 only knows the CUDA flag
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
 def fp16_supported(device: torch.device) -> bool:
     """Whether fp16 blocks run in fp16: only on CUDA (upstream's CPU path is fp32), and not while the
     caller's CUDA autocast manages precision itself."""
-    return device.type == "cuda" and not torch.is_autocast_enabled("cuda")
+    return device.type == "cuda" and not autocast_enabled("cuda")
 
 
 def setup_filter(taps: Sequence[float] = (1, 3, 3, 1)) -> torch.Tensor:
@@ -70,8 +77,11 @@ def upfirdn2d(
     if not flip_filter:
         f = f.flip([0, 1])
     weight = f[None, None].expand(c, 1, *f.shape)
-    # Taking every down-th output of a stride-1 conv equals a strided conv.
-    return F.conv2d(x, weight, stride=down, groups=c)
+    if autocast_enabled(x.device.type):
+        # Like upstream's kernel, filter in the input's dtype: fp32 skip images stay fp32 under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x, weight, stride=down, groups=c)
+    return F.conv2d(x, weight, stride=down, groups=c)  # every down-th output == a strided conv
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, gain: float = 1.0) -> torch.Tensor:

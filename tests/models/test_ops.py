@@ -66,6 +66,15 @@ def test_upfirdn2d_matches_numpy_definition(up, down, pad, flip_filter, gain):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
 
 
+def test_upfirdn2d_keeps_input_dtype_under_autocast():
+    x = torch.randn(1, 3, 8, 8)
+    f = setup_filter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = upsample2d(x, f)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, upsample2d(x, f))
+
+
 def test_setup_filter_is_normalised_outer_product():
     f = setup_filter()
     np.testing.assert_allclose(f.numpy(), np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0)
