@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -99,9 +99,7 @@ def resize(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 def preprocess(images: torch.Tensor, pre: Preprocessing, *, quantize: bool = True) -> torch.Tensor:
     """uint8 / [-1, 1] float NCHW (1 or 3 channels, RGB) -> normalised float32 model input."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise UserError(
-            f"embed: images must be NCHW with 1 (NIR) or 3 (RGB) channels, got {tuple(images.shape)}"
-        )
+        raise UserError(f"embed: images must be NCHW with 1 (NIR) or 3 (RGB) channels, got {tuple(images.shape)}")
     if quantize:
         x = to_uint8_values(images)
     else:
@@ -117,7 +115,8 @@ def preprocess(images: torch.Tensor, pre: Preprocessing, *, quantize: bool = Tru
     return (x - mean) / std
 
 
-def fingerprint_of(weight_chunks: list[bytes], pre: Preprocessing) -> str:
+def fingerprint_of(weight_chunks: Iterable[bytes | memoryview], pre: Preprocessing) -> str:
+    """sha256 over the weights (streamed, never copied whole) and the canonical preprocessing JSON."""
     digest = hashlib.sha256()
     for chunk in weight_chunks:
         digest.update(chunk)
@@ -146,8 +145,11 @@ class FaceEmbedder(ABC):
         """Images (NCHW uint8 [0, 255] or float [-1, 1]) -> float32 [N, dim], unit L2 norm, on self.device."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
+        if images.shape[0] == 0:
+            return torch.empty(0, self.dim, device=self.device)
         chunks = [images] if not batch_size or images.shape[0] <= batch_size else images.split(batch_size)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: callers may edit or reuse the embeddings under autograd.
+        with torch.no_grad():
             out = [self._embed_chunk(chunk.to(self.device, non_blocking=True)) for chunk in chunks]
         return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -156,20 +158,18 @@ class FaceEmbedder(ABC):
         return F.normalize(features, dim=1)
 
 
-def state_dict_chunks(module: nn.Module) -> list[bytes]:
+def state_dict_chunks(module: nn.Module) -> Iterator[bytes | memoryview]:
     """Name, dtype, shape and raw bytes of every tensor of a state dict, in sorted key order.
 
     BatchNorm's `num_batches_tracked` counters are left out: they never change the output, and
     insightface checkpoints may or may not carry them.
     """
-    chunks = []
     for name, tensor in sorted(module.state_dict().items()):
         if name.endswith("num_batches_tracked"):
             continue
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        chunks.append(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        chunks.append(flat.view(torch.uint8).numpy().tobytes())
-    return chunks
+        yield f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode()
+        yield memoryview(flat.view(torch.uint8).numpy())
 
 
 class TorchEmbedder(FaceEmbedder):
@@ -192,7 +192,7 @@ class TorchEmbedder(FaceEmbedder):
         self.preprocessing = preprocessing or Preprocessing()
         self.input_size = self.preprocessing.input_size
         self.autocast_dtype = autocast_dtype
-        self.device = next(module.parameters()).device
+        self.device = next(module.parameters(), torch.empty(0)).device
         self.fingerprint = fingerprint_of(state_dict_chunks(module), self.preprocessing)
         self.dim = dim if dim is not None else self._probe_dim()
 
@@ -228,9 +228,7 @@ def _import_onnx():
         import onnx
         import onnxruntime
     except ImportError as err:
-        raise UserError(
-            f"ONNX embedder: the '{err.name}' package is missing: pip install facegen[onnx]"
-        ) from None
+        raise UserError(f"ONNX embedder: the '{err.name}' package is missing: pip install facegen[onnx]") from None
     return onnx, onnxruntime
 
 
@@ -279,12 +277,10 @@ def make_batch_dynamic(model) -> None:
     del graph.value_info[:]
 
 
-def _file_digest_chunks(path: str) -> list[bytes]:
-    digest = hashlib.sha256()
+def _file_chunks(path: str) -> Iterator[bytes]:
+    yield b"onnx|"
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return [b"onnx|", digest.digest()]
+        yield from iter(lambda: handle.read(1 << 22), b"")
 
 
 class OnnxEmbedder(FaceEmbedder):
@@ -295,15 +291,13 @@ class OnnxEmbedder(FaceEmbedder):
     chunks of that size. The fingerprint hashes the file as shipped, plus the preprocessing.
     """
 
-    def __init__(
-        self, path: str, preprocessing: Preprocessing | None = None, providers: list[str] | None = None
-    ):
+    def __init__(self, path: str, preprocessing: Preprocessing | None = None, providers: list[str] | None = None):
         onnx, ort = _import_onnx()
         self.path = str(path)
         self.preprocessing = preprocessing or Preprocessing()
         self.input_size = self.preprocessing.input_size
         try:
-            self.fingerprint = fingerprint_of(_file_digest_chunks(self.path), self.preprocessing)
+            self.fingerprint = fingerprint_of(_file_chunks(self.path), self.preprocessing)
             model = onnx.load(self.path)
         except FileNotFoundError:
             raise UserError(f"{self.path}: ONNX model file not found") from None
@@ -311,9 +305,7 @@ class OnnxEmbedder(FaceEmbedder):
             raise UserError(f"{self.path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
         prune_onnx_inputs(model)
         self._check_input(model)
-        self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
-            model.graph.input[0].type.tensor_type.elem_type
-        )
+        self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
         self.providers = providers or [
             p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
         ]

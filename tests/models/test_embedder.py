@@ -85,6 +85,7 @@ def test_embed_shape_dtype_unit_norm(embedder):
     assert out.shape == (5, 32) and out.dtype == torch.float32
     assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-6)
     assert embedder.dim == 32 and embedder.input_size == 32
+    assert embedder.embed(torch.zeros(0, 3, 48, 48, dtype=torch.uint8)).shape == (0, 32)
 
 
 def test_float_input_equals_uint8_and_png(embedder):
