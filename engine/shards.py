@@ -134,7 +134,7 @@ def default_workers() -> int:
 
 
 def encode_image(array: np.ndarray, image_format: str = "png", *, quality: int = 95,
-                 png_compress_level: int = 3) -> bytes:
+                 png_compress_level: int = 1) -> bytes:
     """One uint8 HxW (mode L) or HxWx3 (RGB) image, with fixed settings and no metadata chunks."""
     pil_format = IMAGE_FORMATS[image_format]
     options: dict[str, Any] = {"format": pil_format}
@@ -159,7 +159,7 @@ def _encode_sample(batch: ShardBatch, index: int, image_format: str, quality: in
 
 
 def iter_encoded(batch: ShardBatch, image_format: str = "png", *, quality: int = 95,
-                 png_compress_level: int = 3, workers: int | None = None
+                 png_compress_level: int = 1, workers: int | None = None
                  ) -> Iterator[tuple[bytes, bytes | None]]:
     """(vis, nir) encoded bytes per sample, in order, encoded on a thread pool.
 
@@ -243,7 +243,7 @@ def _write_tar(handle: IO[bytes], batch: ShardBatch, metas: list[dict[str, Any]]
 
 # -- the public entry point -------------------------------------------------------------------
 def write_shard(storage: Storage, shard_id: int, batch: ShardBatch, *, name: str = "facegen",
-                image_format: str = "png", jpeg_quality: int = 95, png_compress_level: int = 3,
+                image_format: str = "png", jpeg_quality: int = 95, png_compress_level: int = 1,
                 stats: dict[str, Any] | None = None, workers: int | None = None) -> ShardResult:
     """Write shard `shard_id`: tar, then manifest, then the completion marker (each atomic).
 
