@@ -14,6 +14,7 @@ from engine.index.calibrate import (
     calibration_scores,
     threshold_at_fmr,
 )
+from engine.index.prune import ClusteredShard
 from engine.index.search import IndexShard, PrivacyIndex, reduce_max, reduce_topk
 from engine.index.sources import (
     EmbeddingSource,
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_FMRS",
     "FORMAT_VERSION",
     "CalibrationScores",
+    "ClusteredShard",
     "EmbeddingSource",
     "IndexInfo",
     "IndexShard",

@@ -98,6 +98,7 @@ class IndexShard:
         self._vectors: np.ndarray | None = None
         self._labels: tuple[np.ndarray, np.ndarray] | None = None
         self._engine = None
+        self._clustered = None
 
     @classmethod
     def from_arrays(cls, vectors: np.ndarray, identities: Sequence[str], files: Sequence[str], *,
@@ -113,7 +114,7 @@ class IndexShard:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_engine"] = None
+        state["_engine"] = state["_clustered"] = None
         if self.storage is not None:  # reload from storage where it lands
             state["_vectors"] = state["_labels"] = None
         return state
@@ -172,6 +173,20 @@ class IndexShard:
         sims[~finite], rows[~finite] = np.nan, -1
         return sims, rows
 
+    def max_similarity_above(self, queries: Any, tau: float, *, num_clusters: int | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Exact-by-certificate decision `max similarity > tau` (engine/index/prune.py): returns
+        (sims, global rows, fraction of this shard's comparisons done). Sims and rows equal
+        `max_similarity`'s wherever sims > tau. Clusters are built on first use (CPU, k-means)."""
+        if self._clustered is None:
+            from engine.index.prune import ClusteredShard
+
+            self._clustered = ClusteredShard.build(self.vectors(), offset=self.offset, num_clusters=num_clusters)
+        q, finite = _prepare_queries(queries, self.dim, "numpy", "cpu")
+        sims, rows, searched = self._clustered.max_similarity_above(q, tau)
+        sims[~finite], rows[~finite] = np.nan, -1
+        return sims, rows, searched
+
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (sims [N, k], global rows [N, k]); missing columns are (-inf, -1).
         Among exact ties beyond the first place the order is by row id only within this shard's merge."""
@@ -229,6 +244,15 @@ class PrivacyIndex:
     def max_similarity(self, queries: Any) -> tuple[np.ndarray, np.ndarray]:
         """Exact (max cosine float32 [N], global row int64 [N]) over every enrolled vector."""
         return reduce_max([shard.max_similarity(queries) for shard in self._shards])
+
+    def max_similarity_above(self, queries: Any, tau: float, *, num_clusters: int | None = None
+                             ) -> tuple[np.ndarray, np.ndarray, float]:
+        """The privacy decision by certificate pruning: (sims, rows, fraction of comparisons done).
+        `sims > tau` equals brute force's decision, and where it holds sims/rows equal `max_similarity`."""
+        parts = [s.max_similarity_above(queries, tau, num_clusters=num_clusters) for s in self._shards]
+        sims, rows = reduce_max([(p[0], p[1]) for p in parts])
+        searched = sum(p[2] * s.count for p, s in zip(parts, self._shards)) / self.count
+        return sims, rows, searched
 
     def search(self, queries: Any, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k (sims [N, k], rows [N, k]), best first."""

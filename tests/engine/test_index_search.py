@@ -227,3 +227,45 @@ def test_gpu_backends_equal_brute_force(tmp_path, backend):
     ref_sims, ref_rows = reference(queries, vectors)
     np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
     np.testing.assert_array_equal(rows, ref_rows)
+
+
+def tight_identities(rng, identities=150, per_identity=8, dim=32, noise=0.08):
+    centres = rng.standard_normal((identities, dim))
+    x = np.repeat(centres, per_identity, axis=0) + noise * rng.standard_normal((identities * per_identity, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_certificate_pruning_decides_like_brute_force(tmp_path):
+    from engine.index.prune import ClusteredShard
+
+    rng = np.random.default_rng(11)
+    vectors = tight_identities(rng)
+    near = vectors[::37] + 0.05 * rng.standard_normal((len(vectors[::37]), vectors.shape[1]))
+    queries = np.concatenate([unit(rng, 200, 32), near / np.linalg.norm(near, axis=1, keepdims=True)])
+    queries = queries.astype(np.float32)
+    ref_sims, ref_rows = reference(queries, vectors)
+    clustered = ClusteredShard.build(vectors, num_clusters=150)
+    # The certificate: every member lies within its cluster's angular radius of the centroid.
+    for j in range(clustered.num_clusters):
+        members = clustered.vectors[clustered.bounds[j] : clustered.bounds[j + 1]].astype(np.float64)
+        assert np.arccos(np.clip(members @ clustered.centroids[j], -1, 1)).max() <= clustered.radii[j]
+    for tau in (0.3, 0.622, 0.9):
+        sims, rows, searched = clustered.max_similarity_above(queries, tau)
+        match = sims > tau
+        np.testing.assert_array_equal(match, ref_sims > tau)
+        np.testing.assert_allclose(sims[match], ref_sims[match], atol=1e-6)
+        np.testing.assert_array_equal(rows[match], ref_rows[match])
+        assert (sims[~match] <= tau).all()
+        assert match.sum() >= len(near) and searched < 0.5  # tight clusters: most of the set is skipped
+
+    # Through the index: several shards, the same decisions; NaN queries stay NaN.
+    build_index(vectors, [str(i // 8) for i in range(len(vectors))], [str(i) for i in range(len(vectors))],
+                Storage(str(tmp_path)), embedder_fingerprint=None, preprocessing=None, shard_size=500)
+    index = PrivacyIndex.open(str(tmp_path), backend="numpy")
+    queries[3] = np.nan
+    sims, rows, searched = index.max_similarity_above(queries, 0.622, num_clusters=60)
+    full_sims, full_rows = index.max_similarity(queries)
+    match = full_sims > 0.622
+    np.testing.assert_array_equal(sims > 0.622, match)
+    np.testing.assert_array_equal(rows[match], full_rows[match])
+    assert np.isnan(sims[3]) and rows[3] == -1 and 0 < searched < 1
