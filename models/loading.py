@@ -91,7 +91,7 @@ def load_generator(path: str | os.PathLike) -> Generator:
     """A generator from a native file, a snapshot's G_ema or a rosinality `.pt` (CPU, eval)."""
     module = load_module(path)
     if not isinstance(module, Generator):
-        raise UserError(f"{path}: holds a {family_of(module)} model, not a generator")
+        raise UserError(f"{path}: holds a '{family_of(module)}' model, not a generator")
     return module
 
 
@@ -111,13 +111,14 @@ def load_embedder(path: str | os.PathLike, **preprocessing_overrides: Any) -> Fa
     fmt = detect_format(path)
     if fmt == "onnx":
         return OnnxEmbedder(str(path), _preprocessing(preprocessing_overrides, None))
-    if fmt == "native" and read_native_header(path)["family"] != "iresnet":
-        raise UserError(f"{path}: holds a {read_native_header(path)['family']} model, not an embedder")
+    family = read_native_header(path)["family"] if fmt == "native" else None
+    if family not in (None, "iresnet"):
+        raise UserError(f"{path}: holds a '{family}' model, not an embedder")
     if fmt not in ("native", "insightface"):
         raise UserError(f"{path}: a {fmt} checkpoint is a generator, not a face embedder")
     module = load_module(path)
     if not isinstance(module, IResNet):
-        raise UserError(f"{path}: holds a {family_of(module)} model, not an embedder")
+        raise UserError(f"{path}: holds a '{family_of(module)}' model, not an embedder")
     return TorchEmbedder(module, _preprocessing(preprocessing_overrides, module.config.input_size))
 
 

@@ -162,6 +162,10 @@ def network_from_record(record: Any, what: str, source: str) -> torch.nn.Module:
             module = Discriminator(discriminator_config(record, what))
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
+    except RecursionError:  # the pickle memo can build cycles; a real network tree is shallow
+        raise UserError(f"{where}: module tree or init_kwargs nested too deeply (cyclic?)") from None
+    except (TypeError, ValueError) as err:  # e.g. a config value of the wrong type
+        raise UserError(f"{where}: unusable init_kwargs ({err})") from None
     load_state_dict_checked(module, tensors, where)
     return module.eval()
 
@@ -185,5 +189,8 @@ def load_stylegan_pickle(path: str | os.PathLike, what: tuple[str, ...] = ("G_em
     pipe = snapshot.get("augment_pipe")
     p = flatten_state_dict(pipe).get("p") if isinstance(pipe, PersistentRecord) else None
     out["augment_p"] = float(p.reshape(-1)[0]) if p is not None and p.numel() else None
-    out["training_set_kwargs"] = _plain(snapshot.get("training_set_kwargs") or {})
+    try:
+        out["training_set_kwargs"] = _plain(snapshot.get("training_set_kwargs") or {})
+    except RecursionError:
+        raise UserError(f"{source}: training_set_kwargs nested too deeply (cyclic?)") from None
     return out

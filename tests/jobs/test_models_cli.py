@@ -201,7 +201,7 @@ def test_load_embedder_onnx_with_overrides_and_wrong_kinds(tmp_path, capsys):
     assert info["format"] == "onnx" and info["embedding_dim"] == 128 and info["parameters"] > 0
     g = tmp_path / "g.safetensors"
     run(capsys, "models", "init", "arcbiface", "--out", g, *TINY_SETS)
-    with pytest.raises(Exception, match="arcbiface model, not an embedder"):
+    with pytest.raises(Exception, match="'arcbiface' model, not an embedder"):
         load_embedder(g)
 
 

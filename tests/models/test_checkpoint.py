@@ -142,3 +142,32 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         save_native(tiny_generator(1), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]
+
+
+# ----------------------------------------------------------------------------- format detection
+
+
+def test_formats_are_detected_from_content_not_names(tmp_path):
+    from models.loading import detect_format, load_generator
+    from tests.models.stylegan_fixtures import write_snapshot
+    from tests.models.test_rosinality import make_rosinality_state
+
+    G0 = tiny_generator(0)
+    pkl = write_snapshot(tmp_path / "snapshot.bin", tmp_path / "executed", G_ema=G0)  # no .pkl suffix
+    native = save_native(G0, tmp_path / "model.pt")  # misleading suffix
+    legacy = tmp_path / "old.pth"
+    torch.save({"g_ema": make_rosinality_state(0)}, legacy, _use_new_zipfile_serialization=False)
+    iresnet = tmp_path / "backbone.bin"
+    torch.save(_tiny_iresnet().state_dict(), iresnet)
+    assert [detect_format(p) for p in (pkl, native, legacy, iresnet)] == [
+        "stylegan_pickle", "native", "rosinality", "insightface"]
+    ref = _outputs(G0)
+    for path in (pkl, native):
+        assert all(torch.equal(a, b) for a, b in zip(_outputs(load_generator(path)), ref))
+    assert load_generator(legacy).config.img_resolution == 32
+    with pytest.raises(UserError, match="holds a 'iresnet' model, not a generator"):
+        load_generator(iresnet)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello")
+    with pytest.raises(UserError, match="notes.txt: unrecognised checkpoint format"):
+        detect_format(junk)

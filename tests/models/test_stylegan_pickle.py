@@ -187,3 +187,16 @@ def test_not_a_pickle_is_a_user_error(tmp_path):
     path.write_bytes(b"\x00\x01not a pickle")
     with pytest.raises(UserError, match="junk.pkl"):
         load_stylegan_pickle(path)
+
+
+def test_cyclic_module_tree_is_a_user_error(tmp_path):
+    G0 = tiny_generator(0)
+    with fake_upstream_modules() as (persistence, util):
+        tree = persistent_tree(G0, "Generator", "", persistence._reconstruct_persistent_obj,
+                               g_init_kwargs(util.EasyDict, G0.config))
+        modules = tree.meta["state"]["_modules"]
+        # A sub-module whose own _modules is its parent's dict: the pickle memo turns this into a cycle.
+        modules["mapping"].meta["state"]["_modules"] = modules
+        (tmp_path / "cyc.pkl").write_bytes(pickle.dumps({"G_ema": tree}))
+    with pytest.raises(UserError, match="nested too deeply"):
+        load_stylegan_pickle(tmp_path / "cyc.pkl")
