@@ -43,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline-candidates", type=int, default=3)
     parser.add_argument("--baseline-max-identities", type=int, default=100_000,
                         help="identities the loop is timed over; larger sizes are extrapolated linearly")
+    parser.add_argument("--data", choices=["random", "clustered"], default="random",
+                        help="random unit vectors, or identities of --per-identity samples with an "
+                             "ArcFace-like same-identity cosine of ~0.78")
+    parser.add_argument("--per-identity", type=int, default=10)
+    parser.add_argument("--prune-tau", type=float, default=None,
+                        help="also time exact-by-certificate pruning at this threshold (one cluster per "
+                             "identity with --data clustered, else n/16) and report the fraction searched")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     parser.set_defaults(func=run)
@@ -72,6 +79,20 @@ def unit_vectors(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
     for start in range(0, count, 1 << 16):
         block = rng.standard_normal((min(1 << 16, count - start), dim), dtype=np.float32)
         out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+# Sample = unit centre + noise of norm SAME_ID_NOISE: two samples of an identity then have cosine
+# ~1 / (1 + noise^2) = 0.776, ArcBiFaceGAN's typical same-identity cosine for ArcFace (SPEC §4).
+SAME_ID_NOISE = float(np.sqrt(1 / 0.776 - 1))
+
+
+def clustered_vectors(rng: np.random.Generator, count: int, dim: int, per_identity: int) -> np.ndarray:
+    """Unit rows grouped in identities of `per_identity` consecutive samples."""
+    centres = unit_vectors(rng, -(-count // per_identity), dim)
+    out = np.repeat(centres, per_identity, axis=0)[:count]
+    out += unit_vectors(rng, count, dim) * np.float32(SAME_ID_NOISE)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
     return out
 
 
@@ -132,13 +153,47 @@ def time_backend(vectors: np.ndarray, queries: np.ndarray, backend: str, args: a
     return best / len(queries), answer
 
 
+def time_pruned(vectors: np.ndarray, queries: np.ndarray, args: argparse.Namespace
+                ) -> tuple[float, float, float, tuple[np.ndarray, np.ndarray]]:
+    """(seconds per candidate, fraction of comparisons done, build seconds, answer) of the pruned path."""
+    from engine.index.prune import ClusteredShard
+
+    clusters = len(vectors) // args.per_identity if args.data == "clustered" else None
+    start = time.perf_counter()
+    shard = ClusteredShard.build(vectors, num_clusters=clusters, seed=args.seed)
+    build_s = time.perf_counter() - start
+    best, searched, answer = float("inf"), 0.0, None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        sims, rows, searched = shard.max_similarity_above(queries, args.prune_tau)
+        best = min(best, time.perf_counter() - start)
+        answer = (sims, rows)
+    return best / len(queries), searched, build_s, answer
+
+
+def _pruned_entry(vectors, queries, loop_s, reference, args) -> dict:
+    seconds, searched, build_s, (sims, rows) = time_pruned(vectors, queries, args)
+    tau = args.prune_tau
+    match = reference[0] > tau
+    return {
+        "us_per_candidate": seconds * 1e6,
+        "speedup_vs_loop": loop_s / seconds,
+        "searched_fraction": searched,
+        "build_seconds": build_s,
+        "tau": tau,
+        "matches": int(match.sum()),
+        "same_decisions_as_first": bool(((sims > tau) == match).all() and (rows[match] == reference[1][match]).all()),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     sizes, backends = _parse(args)
     rng = np.random.default_rng(args.seed)
     queries = unit_vectors(rng, args.queries, args.dim)
     results = []
     for size in sizes:
-        vectors = unit_vectors(rng, size, args.dim)
+        vectors = (clustered_vectors(rng, size, args.dim, args.per_identity) if args.data == "clustered"
+                   else unit_vectors(rng, size, args.dim))
         loop_s, extrapolated = time_baseline(vectors, queries, args)
         row = {"size": size, "loop_us_per_candidate": loop_s * 1e6, "loop_extrapolated": extrapolated,
                "backends": {}}
@@ -153,11 +208,14 @@ def run(args: argparse.Namespace) -> int:
                 "max_abs_diff_vs_first": float(np.abs(sims - reference[0]).max()),
                 "same_rows_as_first": bool((ids == reference[1]).all()),
             }
+        if args.prune_tau is not None:
+            row["backends"]["pruned"] = _pruned_entry(vectors, queries, loop_s, reference, args)
         results.append(row)
         print(format_row(row), flush=True)
         del vectors
         gc.collect()
     report = {"benchmark": "filter", "dim": args.dim, "queries": args.queries, "device": args.device,
+              "data": args.data,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "results": results}
     if args.json:
@@ -169,7 +227,11 @@ def format_row(row: dict) -> str:
     mark = " (extrapolated)" if row["loop_extrapolated"] else ""
     parts = [f"size {row['size']:>9}: loop {row['loop_us_per_candidate']:>12.1f} us/candidate{mark}"]
     for name, entry in row["backends"].items():
-        agree = "" if entry["same_rows_as_first"] else " (rows differ!)"
+        same = entry.get("same_rows_as_first", entry.get("same_decisions_as_first"))
+        extra = "" if same else " (answers differ!)"
+        if "searched_fraction" in entry:
+            extra += (f"  searched {entry['searched_fraction']:.1%} at tau {entry['tau']}, "
+                      f"{entry['matches']} matches, clustering {entry['build_seconds']:.1f} s")
         parts.append(f"  {name:<6}{entry['us_per_candidate']:>10.2f} us/candidate  "
-                     f"x{entry['speedup_vs_loop']:,.0f} vs loop{agree}")
+                     f"x{entry['speedup_vs_loop']:,.0f} vs loop{extra}")
     return "\n".join(parts)

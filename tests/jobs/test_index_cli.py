@@ -142,3 +142,23 @@ def test_parse_storage_options():
 
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_storage_options(["novalue"])
+
+
+def test_bench_filter_small_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "filter", "--sizes", "300,600", "--dim", "32", "--queries", "40", "--repeats", "1",
+                 "--baseline-candidates", "1", "--baseline-max-identities", "400", "--data", "clustered",
+                 "--per-identity", "5", "--prune-tau", "0.622", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert [r["size"] for r in report["results"]] == [300, 600]
+    assert [r["loop_extrapolated"] for r in report["results"]] == [False, True]
+    assert "(extrapolated)" in printed and printed.count("us/candidate") == 2 * 5
+    for row in report["results"]:
+        assert set(row["backends"]) == {"faiss", "torch", "numpy", "pruned"}
+        for name in ("torch", "numpy"):
+            assert row["backends"][name]["same_rows_as_first"]
+            assert row["backends"][name]["max_abs_diff_vs_first"] < 1e-6
+        assert row["backends"]["pruned"]["same_decisions_as_first"]
+        assert 0 < row["backends"]["pruned"]["searched_fraction"] <= 1
+        assert all(entry["us_per_candidate"] > 0 for entry in row["backends"].values())
