@@ -42,17 +42,18 @@ def write_identities(storage: Storage, identities: Identities, selection_stats: 
 
 def _matrix(column: pa.ChunkedArray, rows: int) -> np.ndarray:
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, np.float32).reshape(rows, -1) if rows else np.zeros((0, 0), np.float32)
+    # A writable copy: arrow buffers are read-only and torch refuses to wrap those safely.
+    return np.array(flat, np.float32).reshape(rows, -1) if rows else np.zeros((0, 0), np.float32)
 
 
 def read_identities(storage: Storage) -> tuple[Identities, dict]:
     table = pq.read_table(io.BytesIO(storage.read_bytes(IDENTITIES_FILE)))
     rows = table.num_rows
     identities = Identities(
-        slot=table["slot"].to_numpy(),
+        slot=table["slot"].to_numpy().copy(),
         condition=_matrix(table["condition"], rows),
         anchor=_matrix(table["anchor"], rows),
-        anchor_real_sim=table["anchor_real_sim"].to_numpy(),
+        anchor_real_sim=table["anchor_real_sim"].to_numpy().copy(),
         anchor_real_identity=np.array(table["anchor_real_identity"].to_pylist(), dtype=object),
     )
     metadata = table.schema.metadata or {}

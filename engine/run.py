@@ -9,6 +9,7 @@ executor calls the same functions from actors; only the scheduling differs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from engine.expand import expand_shard
 from engine.identities import IDENTITIES_FILE, read_identities, write_identities
 from engine.index.search import PrivacyIndex
 from engine.manifest import completed_shards, is_complete, remove_incomplete
-from engine.phases import Identities, Selection, propose
+from engine.phases import Identities, Proposals, Selection, propose
 from engine.shards import ShardBatch, write_shard
 from engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
 from engine.storage import Storage
@@ -83,19 +84,37 @@ def open_index(spec: JobSpec, embedder: Any, out: Storage | None) -> PrivacyInde
     return PrivacyIndex.open(target, **options)
 
 
-def select_identities(bundle: Bundle, out: Storage, progress: bool = True) -> tuple[Identities, dict]:
-    """Phases 1+2, or the persisted result of an earlier run (a resume never re-decides)."""
+def proposal_blocks(spec: JobSpec):
+    """Slot blocks in order: the fixed units of phase 1 (same batches in every executor)."""
+    for start in range(0, spec.max_slots, spec.proposal_block):
+        yield np.arange(start, min(start + spec.proposal_block, spec.max_slots), dtype=np.int64)
+
+
+ProposeMany = Callable[[Iterator[np.ndarray]], Iterator[Proposals]]
+
+
+def select_identities(bundle: Bundle, out: Storage, progress: bool = True,
+                      propose_many: ProposeMany | None = None) -> tuple[Identities, dict]:
+    """Phases 1+2, or the persisted result of an earlier run (a resume never re-decides).
+
+    `propose_many` maps slot blocks to their proposals *in order* (lazily; it may compute ahead in
+    parallel, as the Ray executor does); selection consumes them in slot order and stops early.
+    """
     if out.exists(IDENTITIES_FILE):
         return read_identities(out)
     spec = bundle.spec
+    propose_many = propose_many or (lambda blocks: (propose(bundle, block) for block in blocks))
     selection = Selection(wanted=spec.identities, threshold=spec.privacy.separability)
-    next_slot = 0
+    results = propose_many(proposal_blocks(spec))
     with tqdm(total=spec.identities, desc="identities", unit="id", disable=not progress) as bar:
-        while not selection.done and next_slot < spec.max_slots:
-            count = min(spec.proposal_block, spec.max_slots - next_slot)
-            selection.offer(propose(bundle, np.arange(next_slot, next_slot + count)))
-            next_slot += count
+        for proposals in results:
+            selection.offer(proposals)
             bar.update(selection.accepted - bar.n)
+            if selection.done:
+                break
+    close = getattr(results, "close", None)
+    if close:
+        close()  # stop a parallel producer from computing further blocks
     stats = selection_stats(selection, spec)
     if selection.accepted == 0:
         raise RuntimeError(f"no identity passed the filters in {spec.max_slots} proposals: {stats['verdicts']}")

@@ -78,3 +78,37 @@ def make_index(folder: str, embedder: TorchEmbedder, embeddings: np.ndarray) -> 
 
 def tiny_bundle(spec, index: PrivacyIndex, generator=None, embedder=None) -> Bundle:
     return Bundle(generator or tiny_generator(), embedder or tiny_embedder(), index, torch.device("cpu"), spec)
+
+
+def write_tiny_job(folder, out: str, **overrides) -> str:
+    """Native model files, an enrolled index and a job YAML under `folder`; returns the YAML path."""
+    import yaml
+
+    from models.checkpoint import save_native
+
+    folder = str(folder)
+    generator, embedder = tiny_generator(), tiny_embedder()
+    save_native(generator, f"{folder}/G.safetensors")
+    save_native(embedder.module, f"{folder}/E.safetensors")
+    make_index(f"{folder}/index", embedder, real_population(generator, embedder, 40))
+    tree = {
+        "identities": 4,
+        "samples_per_identity": 2,
+        "batch_size": 8,
+        "generator": {"path": f"{folder}/G.safetensors"},
+        "embedder": {"path": f"{folder}/E.safetensors"},
+        "index": {"uri": f"{folder}/index"},
+        "output": {"uri": out, "samples_per_shard": 2},
+        "privacy": {"threshold": 0.95, "separability_threshold": 0.97},
+        "filter": {"same_threshold": 0.6, "diversity_threshold": 0.985, "max_attempts": 100},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            tree.setdefault(section, {})[leaf] = value
+        else:
+            tree[key] = value
+    path = f"{folder}/job.yaml"
+    with open(path, "w") as handle:
+        yaml.safe_dump(tree, handle)
+    return path

@@ -1,0 +1,210 @@
+"""`facegen generate` end to end: output contract, crash + resume, refusals, S3, the original's flags."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from jobs.cli import main
+from tests.engine.tiny import write_tiny_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("job")
+    return write_tiny_job(folder, str(folder / "reference"))
+
+
+@pytest.fixture(scope="module")
+def reference(job):
+    assert main(["generate", job]) == 0
+    return Path(job).parent / "reference"
+
+
+def digests(folder: Path) -> dict[str, str]:
+    files = [p for sub in ("shards", "manifest", "done") for p in sorted((folder / sub).iterdir())]
+    files.append(folder / "identities.parquet")
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_output_contract(reference):
+    report = json.loads((reference / "report.json").read_text())
+    assert report["privacy_certificate"]["violations"] == 0
+    assert report["privacy_certificate"]["max_real_similarity"] <= 0.95
+    assert (reference / "job.yaml").exists() and len((reference / "job.sha256").read_text().strip()) == 64
+    shards = sorted(p.name for p in (reference / "shards").iterdir())
+    assert shards == [f"facegen-{i:06d}.tar" for i in range(4)]
+    assert sorted(p.name for p in (reference / "done").iterdir()) == [f"{i:06d}.json" for i in range(4)]
+    manifest = pq.read_table(sorted((reference / "manifest").iterdir())).to_pylist()
+    assert len(manifest) == report["samples"]["written"] == 8
+    keys = [row["key"] for row in manifest]
+    assert keys == sorted(keys) and len(set(keys)) == 8
+    assert all(row["key"] == f"{row['label']:08d}_{row['sample']:03d}" for row in manifest)
+    # webdataset reads the shards unmodified, with the labels of the manifest.
+    urls = [str(reference / "shards" / s) for s in shards]
+    read = [(s["__key__"], int(s["cls"])) for s in wds.WebDataset(urls, shardshuffle=False).decode()]
+    assert read == [(row["key"], row["label"]) for row in manifest]
+    identities = pq.read_table(reference / "identities.parquet")
+    assert identities["label"].to_pylist() == [0, 1, 2, 3]
+    assert "report.html" in os.listdir(reference)
+
+
+def run_and_kill(job: str, out: Path, wait_for: str) -> None:
+    """Start a real `facegen generate` process and SIGKILL it as soon as `wait_for` exists."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "generate", job, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / wait_for).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the job never reached the kill point"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_point", ["job.sha256", "done/000000.json", "done/000002.json"])
+def test_kill9_then_resume_is_byte_identical(job, reference, tmp_path, kill_point):
+    out = tmp_path / "crashed"
+    run_and_kill(job, out, kill_point)
+    assert not (out / "report.json").exists(), "killed too late to test anything"
+    assert main(["generate", job, "--out", str(out), "--resume"]) == 0
+    assert digests(out) == digests(reference)
+    assert not [n for n in os.listdir(out / "shards") if n.startswith(".tmp-")]
+
+
+def test_resume_with_a_changed_spec_is_refused(job, reference, capsys):
+    before = digests(reference)
+    code = main(["generate", job, "--out", str(reference), "--resume", "--set", "seed=5",
+                 "--set", "filter.max_attempts=9", "--set", "run.device=cpu"])
+    assert code == 2
+    assert "differs" in capsys.readouterr().err and True
+    assert digests(reference) == before
+
+
+def test_resume_refusal_names_the_keys(job, reference, capsys):
+    main(["generate", job, "--out", str(reference), "--resume", "--set", "seed=5", "--set", "filter.max_attempts=9"])
+    assert "filter.max_attempts, seed" in capsys.readouterr().err
+
+
+def test_existing_output_needs_resume(job, reference, capsys):
+    assert main(["generate", job, "--out", str(reference)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resources_do_not_block_a_resume(job, reference):
+    assert main(["generate", job, "--out", str(reference), "--resume", "--set", "run.device=cpu"]) == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"generator.path": "/nonexistent/G.safetensors"}, "G.safetensors"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"privacy.threshold": 1.5}, "privacy.threshold: must be in (0, 1)"),
+        ({"index.uri": "/nonexistent-index"}, "nonexistent-index"),
+    ],
+)
+def test_bad_input_exits_2_before_any_work(job, tmp_path, capsys, change, message):
+    args = ["generate", job, "--out", str(tmp_path / "out")]
+    for key, value in change.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1
+    leftover = sorted(os.listdir(tmp_path / "out")) if (tmp_path / "out").exists() else []
+    assert set(leftover) <= {"job.yaml", "job.sha256"}
+
+
+def test_c_dim_must_match_the_embedder(job, tmp_path, capsys):
+    from models.checkpoint import save_native
+    from models.embedder import Preprocessing, TorchEmbedder
+    from models.iresnet import IResNet, IResNetConfig
+
+    other = IResNet(IResNetConfig(depth=18, embedding_dim=16, input_size=32, base_width=8))
+    save_native(TorchEmbedder(other, Preprocessing(input_size=32)).module, tmp_path / "E16.safetensors")
+    assert main(["generate", job, "--out", str(tmp_path / "o"), "--embedder", str(tmp_path / "E16.safetensors")]) == 2
+    assert "c_dim 32 != embedder width 16" in capsys.readouterr().err
+
+
+def test_index_of_another_embedder_is_refused(job, tmp_path, capsys):
+    from models.checkpoint import save_native
+    from tests.engine.tiny import tiny_embedder
+
+    save_native(tiny_embedder(seed=7).module, tmp_path / "E7.safetensors")
+    assert main(["generate", job, "--out", str(tmp_path / "o"), "--embedder", str(tmp_path / "E7.safetensors")]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_refused(job, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["generate", job, "--out", str(blocker / "out")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(job, tmp_path, capsys):
+    assert main(["generate", job, "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# plan: 4 identities x 2 samples in 4 shards" in out and "spec sha256" in out
+    assert not (tmp_path / "dry").exists()
+
+
+def test_original_flags_map_to_the_same_spec(job, tmp_path):
+    from jobs.cli import build_parser
+    from jobs.commands.generate import resolve_spec
+
+    parser = build_parser()
+    yaml_spec = resolve_spec(parser.parse_args(["generate", job, "--set", "index.uri=null",
+                                                "--set", "index.features=feat.json", "--set", "seed=3"]))
+    flags = parser.parse_args([
+        "generate", job, "--gen_model", yaml_spec.generator.path, "--rec_model", yaml_spec.embedder.path,
+        "--training_ids", "feat.json", "--outdir", yaml_spec.output.uri, "--ids", "4", "--samples_per_id", "2",
+        "--truncation", "0.7", "--seed", "3", "--set", "index.uri=null",
+    ])
+    assert resolve_spec(flags) == yaml_spec
+
+
+def test_training_ids_json_runs_the_compat_path(job, tmp_path):
+    """The original's flags with an identity_features.json of the real population."""
+    import numpy as np
+
+    from engine.index.search import PrivacyIndex
+
+    index = PrivacyIndex.open(str(Path(job).parent / "index"))
+    features = {f"{i}_0.jpg": list(map(float, 3.0 * v)) for i, v in enumerate(index.embeddings())}
+    (tmp_path / "identity_features.json").write_text(json.dumps(features))
+    folder = Path(job).parent
+    out = tmp_path / "compat"
+    code = main(["generate", job, "--set", "index.uri=null", "--gen_model", str(folder / "G.safetensors"),
+                 "--rec_model", str(folder / "E.safetensors"), "--training_ids", str(tmp_path / "identity_features.json"),
+                 "--outdir", str(out), "--ids", "2", "--samples_per_id", "2", "--seed", "0"])
+    assert code == 0
+    compat_index = PrivacyIndex.open(str(out / "privacy-index"))
+    np.testing.assert_allclose(compat_index.embeddings(), index.embeddings(), atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"]["written"] == 4 and report["privacy_certificate"]["violations"] == 0
+
+
+def test_s3_output(job, s3_bucket):
+    import s3fs
+
+    uri, options = s3_bucket
+    args = ["generate", job, "--out", f"{uri}/ds", "--set", f"output.storage_options={json.dumps(options)}"]
+    assert main(args) == 0
+    fs = s3fs.S3FileSystem(**options)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{uri}/ds/shards"))
+    assert names == [f"facegen-{i:06d}.tar" for i in range(4)]
+    report = json.loads(fs.cat_file(f"{uri}/ds/report.json"))
+    assert report["samples"]["written"] == 8
