@@ -93,8 +93,8 @@ def proposal_blocks(spec: JobSpec):
 ProposeMany = Callable[[Iterator[np.ndarray]], Iterator[Proposals]]
 
 
-def select_identities(bundle: Bundle, out: Storage, progress: bool = True,
-                      propose_many: ProposeMany | None = None) -> tuple[Identities, dict]:
+def select_identities(spec: JobSpec, out: Storage, propose_many: ProposeMany,
+                      progress: bool = True) -> tuple[Identities, dict]:
     """Phases 1+2, or the persisted result of an earlier run (a resume never re-decides).
 
     `propose_many` maps slot blocks to their proposals *in order* (lazily; it may compute ahead in
@@ -102,8 +102,6 @@ def select_identities(bundle: Bundle, out: Storage, progress: bool = True,
     """
     if out.exists(IDENTITIES_FILE):
         return read_identities(out)
-    spec = bundle.spec
-    propose_many = propose_many or (lambda blocks: (propose(bundle, block) for block in blocks))
     selection = Selection(wanted=spec.identities, threshold=spec.privacy.separability)
     results = propose_many(proposal_blocks(spec))
     with tqdm(total=spec.identities, desc="identities", unit="id", disable=not progress) as bar:
@@ -121,6 +119,10 @@ def select_identities(bundle: Bundle, out: Storage, progress: bool = True,
     identities = Identities.from_selection(selection)
     write_identities(out, identities, stats)
     return identities, stats
+
+
+def local_proposer(bundle: Bundle) -> ProposeMany:
+    return lambda blocks: (propose(bundle, block) for block in blocks)
 
 
 def selection_stats(selection: Selection, spec: JobSpec) -> dict:
@@ -160,7 +162,7 @@ def run_local(spec: JobSpec, resume: bool = False, progress: bool = True) -> dic
     """The whole job in this process (the local executor)."""
     out = open_output(spec, resume)
     bundle = load_bundle(spec, out)
-    identities, selection = select_identities(bundle, out, progress)
+    identities, selection = select_identities(spec, out, local_proposer(bundle), progress)
     todo = pending_shards(spec, out, len(identities))
     for shard_id in tqdm(todo, desc="shards", unit="shard", disable=not progress):
         run_shard(bundle, identities, out, shard_id)
