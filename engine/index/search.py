@@ -211,7 +211,7 @@ class PrivacyIndex:
         self._labels: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def open(cls, uri_or_storage: str | Storage, storage_options: dict | None = None, *,
+    def open(cls, uri_or_storage: str | Storage, storage_options: dict | None = None,
              backend: str = "auto", device: str = "cpu") -> PrivacyIndex:
         resolve_backend(backend, str(device))  # a bad backend fails before any storage access
         storage = (uri_or_storage if isinstance(uri_or_storage, Storage)

@@ -60,6 +60,10 @@ class IndexInfo:
     def num_shards(self) -> int:
         return len(self.shards)
 
+    def __getitem__(self, key: str) -> Any:
+        """Read access by index.json key (`info["thresholds"]`), for code that treats it as the JSON."""
+        return self.to_dict()[key]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["num_shards"] = self.num_shards
