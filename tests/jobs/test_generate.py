@@ -208,3 +208,48 @@ def test_s3_output(job, s3_bucket):
     assert names == [f"facegen-{i:06d}.tar" for i in range(4)]
     report = json.loads(fs.cat_file(f"{uri}/ds/report.json"))
     assert report["samples"]["written"] == 8
+
+
+# -- facegen audit (on the reference dataset) ------------------------------------------------------
+
+
+def test_audit_with_the_generating_embedder_reproduces_the_certificate(job, reference, tmp_path, capsys):
+    folder = Path(job).parent
+    args = ["audit", str(reference), "--index", str(folder / "index"), "--embedder", str(folder / "E.safetensors"),
+            "--json", "--out", str(tmp_path / "audit.parquet")]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 8 and summary["violations"] == 0 and summary["threshold"] == 0.95
+    audit = pq.read_table(tmp_path / "audit.parquet").to_pylist()
+    manifest = pq.read_table(sorted((reference / "manifest").iterdir())).to_pylist()
+    assert [row["key"] for row in audit] == [row["key"] for row in manifest]
+    for a, m in zip(audit, manifest):
+        # The certified similarity is the one an auditor gets from the PNG on disk.
+        assert a["vis_max_sim"] == pytest.approx(m["privacy_max_sim"], abs=1e-5)
+        assert a["nearest_identity"] == m["privacy_nearest_identity"]
+
+
+def test_audit_finds_planted_violations_with_an_independent_embedder(job, reference, tmp_path, capsys):
+    import numpy as np
+
+    from engine.reader import iter_dataset
+    from engine.storage import Storage
+    from models.checkpoint import save_native
+    from tests.engine.tiny import make_index, tiny_embedder
+
+    auditor = tiny_embedder(seed=11)  # another model than the generator's filter used
+    save_native(auditor.module, tmp_path / "auditor.safetensors")
+    samples = list(iter_dataset(Storage(str(reference))))
+    images = np.stack([s.vis for s in samples]).transpose(0, 3, 1, 2)
+    embedded = auditor.embed(images).numpy()
+    # Enrol two of the synthetic faces as if they were real people, among unrelated vectors.
+    rng = np.random.default_rng(0)
+    unrelated = rng.normal(size=(30, embedded.shape[1])).astype(np.float32)
+    make_index(str(tmp_path / "audit-index"), auditor, np.concatenate([unrelated, embedded[[1, 6]]]))
+    args = ["audit", str(reference), "--index", str(tmp_path / "audit-index"),
+            "--embedder", str(tmp_path / "auditor.safetensors"), "--json", "--nir"]
+    assert main(args) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["violations"] >= 2 and summary["audited_nir"] is True
+    assert summary["max_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["worst_key"] in {samples[1].key, samples[6].key}
