@@ -44,6 +44,7 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
             "acceptance_rate": round(manifest.num_rows / attempts, 6) if attempts else None,
             "rejected": dict(sorted(rejected.items())),
         },
+        "acceptance": {"accepted": int(manifest.num_rows), **dict(sorted(rejected.items()))},
         "shards": {"count": len(markers), "files": [m.get("shard_file") for _, m in sorted(markers.items())]},
         "privacy_certificate": {
             "index_fingerprint": index.fingerprint,
@@ -66,7 +67,10 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
         "anchor_sim": _column(manifest, "anchor_sim"),
         "diversity_max_sim": _column(manifest, "diversity_max_sim"),
     }
-    write_report(out, report, contact_sheets(out, spec.output.contact_sheets), histograms)
+    thresholds = {"privacy_max_sim": spec.privacy.threshold, "anchor_sim": spec.filter.same_threshold,
+                  "diversity_max_sim": spec.filter.diversity_threshold}
+    write_report(out, report, contact_sheets(out, spec.output.contact_sheets), histograms,
+                 histogram_thresholds=thresholds)
     return report
 
 
