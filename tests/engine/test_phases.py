@@ -138,3 +138,33 @@ def test_attempt_budget_bounds_the_work(models, population_index, tmp_path):
     assert shard.stats["attempts"] == 10
     assert shard.stats["exhausted_identities"] == 2
     assert sum(shard.stats["rejected"].values()) == 8
+
+
+def test_nir_privacy_check_rejects_a_planted_nir_face(models, tmp_path):
+    generator, embedder = models
+    probe = tiny_bundle(tiny_spec(str(tmp_path)), None, generator, embedder)
+    from engine.phases import conditions_for
+
+    slots = np.array([3])
+    _, nir = probe.render(conditions_for(probe, slots), draw_keys(0, Stream.LATENT, slots, 0))
+    planted = embedder.embed(nir).numpy()  # the NIR face of slot 3 is "a real person"
+    embeddings = np.concatenate([real_population(generator, embedder, 20), planted])
+    index = make_index(str(tmp_path / "idx"), embedder, embeddings)
+    vis_only = propose(tiny_bundle(tiny_spec(str(tmp_path)), index, generator, embedder), np.arange(5))
+    with_nir = propose(tiny_bundle(tiny_spec(str(tmp_path), **{"privacy.check_nir": "true"}), index, generator,
+                                   embedder), np.arange(5))
+    assert with_nir.verdict[3] == "privacy" and with_nir.real_identity[3] == "20"
+    assert with_nir.real_sim[3] == pytest.approx(1.0, abs=1e-5)
+    assert vis_only.real_sim[3] < 1.0 - 1e-3
+    assert (with_nir.real_sim >= vis_only.real_sim - 1e-6).all()
+
+
+def test_frontal_heuristic_matches_the_original_formula():
+    from engine.quality import frontal_heuristic
+
+    # Nose centred between the eyes: frontal. Nose next to one eye: turned away.
+    left, right, nose = np.array([30.0, 30.0, 30.0]), np.array([70.0, 70.0, 70.0]), np.array([50.0, 62.0, 45.0])
+    dl, dr = left - nose, right - nose
+    expected = np.abs(dl + dr) < (np.abs(dl) + np.abs(dr)) / 3
+    np.testing.assert_array_equal(frontal_heuristic(left, right, nose), expected)
+    assert list(expected) == [True, False, True]
