@@ -113,7 +113,8 @@ class SynthesisBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, nir: torch.Tensor | None,
                 ws: torch.Tensor, styles: StyleDict, noise_mode: str, noise: dict[str, torch.Tensor],
-                fast: bool, force_fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                fast: bool, force_fp32: bool, channels_last: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         fp16 = self.use_fp16 and not force_fp32 and fp16_supported(ws.device)
         dtype = torch.float16 if fp16 else torch.float32
         s = {n: styles[n] if n in styles else layer.affine(w) for n, layer, w in self.style_layers(ws)}
@@ -121,6 +122,8 @@ class SynthesisBlock(torch.nn.Module):
             x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
         else:
             x = x.to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for name in self.conv_names():
             layer = getattr(self, name.split(".")[1])
             x = layer(x, s[name], noise_mode=noise_mode, noise=noise.get(name), fused_modconv=fast)
@@ -187,8 +190,11 @@ class SynthesisNetwork(torch.nn.Module):
                 for name, layer, w in block.style_layers(bws)}
 
     def forward(self, ws: torch.Tensor, noise_mode: str = "const", noise: dict | None = None,
-                styles: StyleDict | None = None, fast: bool = False, force_fp32: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                styles: StyleDict | None = None, fast: bool = False, force_fp32: bool = False,
+                channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`fast`: one grouped conv per layer with per-sample weights (best at small batch).
+        `channels_last`: the shared-weight path with NHWC activations, the layout GPU tensor cores
+        prefer at large batch; the grouped conv cannot use it, so it takes precedence over `fast`."""
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         for kind, given, known in (("noise", noise, self.noise_shapes()),
@@ -198,6 +204,7 @@ class SynthesisNetwork(torch.nn.Module):
                 raise ValueError(f"{kind}: unknown layer names {unknown}")
         x = img = nir = None
         for block, bws in zip(self.blocks(), self._split_ws(ws)):
-            x, img, nir = block(x, img, nir, bws, styles or {}, noise_mode, noise or {}, fast, force_fp32)
+            x, img, nir = block(x, img, nir, bws, styles or {}, noise_mode, noise or {},
+                                fast and not channels_last, force_fp32, channels_last)
         return img, nir
 

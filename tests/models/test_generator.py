@@ -201,6 +201,16 @@ def test_fast_path_matches_reference(c_dim, nir):
         assert nir_img is None and nir_f is None
 
 
+def test_channels_last_path_matches_reference():
+    G = tiny()
+    z, c = inputs(G, n=4)
+    ws = G.mapping(z, c)
+    vis, nir = G.synthesis(ws)
+    vis_cl, nir_cl = G.synthesis(ws, channels_last=True, fast=True)
+    torch.testing.assert_close(vis_cl, vis, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nir_cl, nir, rtol=1e-5, atol=1e-5)
+
+
 def test_fast_path_gradients_match_reference():
     G = tiny().requires_grad_(True)
     z, c = inputs(G, n=2)
