@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=64, help="generator resolution")
     p.add_argument("--channel-base", type=int, default=16384, help="generator channel_base (ArcBiFaceGAN's)")
     p.add_argument("--embedder-depth", type=int, default=18, help="iResNet depth of the filter's embedder")
+    p.add_argument("--embedder-width", type=int, default=64, help="iResNet base width (64 = insightface)")
     p.add_argument("--batch", type=int, default=32, help="facegen's batch size")
     p.add_argument("--candidates", type=int, default=64, help="candidates timed for facegen per size")
     p.add_argument("--baseline-candidates", type=int, default=2, help="candidates timed for the loop per size")
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     generator = Generator(GeneratorConfig(img_resolution=args.resolution, channel_base=args.channel_base,
                                           num_fp16_res=0)).eval().requires_grad_(False)
-    embedder = TorchEmbedder(IResNet(IResNetConfig(depth=args.embedder_depth)), Preprocessing())
+    backbone = IResNet(IResNetConfig(depth=args.embedder_depth, base_width=args.embedder_width))
+    embedder = TorchEmbedder(backbone, Preprocessing())
     results = []
     print(f"{'enrolled':>9} {'facegen cand/s':>15} {'loop cand/s':>12} {'speed-up':>9}")
     for size in [int(s) for s in args.sizes.split(",")]:

@@ -5,12 +5,13 @@ from jobs.cli import main
 
 def test_bench_generate_reports_consistent_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["bench", "generate", "--sizes", "200,2000", "--resolution", "16", "--channel-base", "256",
-            "--embedder-depth", "18", "--batch", "8", "--candidates", "8", "--baseline-candidates", "1",
+    args = ["bench", "generate", "--sizes", "100,300", "--resolution", "16", "--channel-base", "128",
+            "--embedder-depth", "18", "--embedder-width", "8", "--batch", "4", "--candidates", "4",
+            "--baseline-candidates", "1",
             "--json", str(out)]
     assert main(args) == 0
     record = json.loads(out.read_text())
-    assert [r["enrolled"] for r in record["results"]] == [200, 2000]
+    assert [r["enrolled"] for r in record["results"]] == [100, 300]
     for row in record["results"]:
         assert row["facegen_candidates_per_s"] > 0 and row["loop_candidates_per_s"] > 0
         assert abs(row["speedup"] - row["facegen_candidates_per_s"] / row["loop_candidates_per_s"]) < 1e-9
