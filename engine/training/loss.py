@@ -1,0 +1,213 @@
+"""ArcBiFaceGAN losses (SPEC §3): StyleGAN2-ADA's non-saturating loss, extended to a VIS+NIR pair.
+
+    L_G    = softplus(-D(G_vis, c)) + λ_NIR · softplus(-D_NIR(G_nir))
+    L_D    = softplus(D(fake)) + softplus(-D(real))                      (VIS D, conditional)
+    L_DNIR = softplus(D_NIR(fake)) + softplus(-D_NIR(real))              (NIR D, unconditional)
+    R1     = γ/2 · ‖∇_x D(real)‖²  on the VIS D *and* on the NIR D (lazy, every `d_reg_interval`)
+    PL     = w · (‖J_vis^T n_vis + J_nir^T n_nir‖ − a)²  (one JVP of the *summed* VIS+NIR outputs)
+
+The pure functions below are the terms; `ArcBiFaceLoss.accumulate_gradients` runs one training
+phase (Gmain, Greg, Dmain, Dreg) and calls `backward()`, as StyleGAN2-ADA's `StyleGAN2Loss` does.
+The original's NIR D never got R1 (a phase-name typo); `nir_r1=False` reproduces that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
+StatFn = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    r1_gamma: float = 10.0
+    r1_gamma_nir: float | None = None  # None = r1_gamma
+    nir_r1: bool = True  # False = the original's missing NIR R1
+    nir_loss_weight: float = 0.1  # λ_NIR: scales only the generator's NIR term
+    pl_weight: float = 2.0
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
+    style_mixing_prob: float = 0.9
+
+    @property
+    def gamma_nir(self) -> float:
+        return self.r1_gamma if self.r1_gamma_nir is None else self.r1_gamma_nir
+
+
+# -- the terms ---------------------------------------------------------------------------------
+def generator_loss(fake_logits: torch.Tensor, fake_logits_nir: torch.Tensor | None,
+                   nir_weight: float) -> torch.Tensor:
+    """Per-sample non-saturating G loss; λ_NIR multiplies only the NIR term."""
+    loss = F.softplus(-fake_logits)
+    if fake_logits_nir is not None:
+        loss = loss + nir_weight * F.softplus(-fake_logits_nir)
+    return loss
+
+
+def discriminator_fake_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return F.softplus(fake_logits)  # -log(1 - sigmoid(logits))
+
+
+def discriminator_real_loss(real_logits: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-real_logits)  # -log(sigmoid(logits))
+
+
+def r1_penalties(logits: list[torch.Tensor], images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """‖∇_x D(x)‖² per sample for each (logits, image) pair, in one autograd call (graph kept).
+
+    One call with the summed logits is exact because each D's output depends only on its own input.
+    """
+    grads = torch.autograd.grad(outputs=[lg.sum() for lg in logits], inputs=images, create_graph=True)
+    return [g.square().sum(dim=[1, 2, 3]) for g in grads]
+
+
+def path_length_noise(img: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) / sqrt(H·W): StyleGAN2's random image-space direction for the JVP."""
+    return torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+
+
+def path_lengths(vis: torch.Tensor, nir: torch.Tensor | None, ws: torch.Tensor,
+                 noise_vis: torch.Tensor, noise_nir: torch.Tensor | None) -> torch.Tensor:
+    """‖∇_ws (Σ vis·n_vis + Σ nir·n_nir)‖ per sample: the gradient of the *sum* of both outputs."""
+    out = (vis * noise_vis).sum()
+    if nir is not None:
+        out = out + (nir * noise_nir).sum()
+    grads = torch.autograd.grad(outputs=[out], inputs=[ws], create_graph=True)[0]
+    return grads.square().sum(dim=2).mean(dim=1).sqrt()
+
+
+def path_length_penalty(lengths: torch.Tensor, pl_mean: torch.Tensor, decay: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """((lengths − a)², a) with a = lerp(pl_mean, mean(lengths), decay), as StyleGAN2-ADA (a not detached)."""
+    new_mean = pl_mean.lerp(lengths.mean(), decay)
+    return (lengths - new_mean).square(), new_mean
+
+
+# -- one training phase -----------------------------------------------------------------------
+class ArcBiFaceLoss:
+    """Runs G, the augment pipe and both D's for one phase and back-propagates its loss.
+
+    `augment_pipe(vis, nir) -> (vis, nir)` applies one geometric transform to both images (None = no
+    augmentation). `stat(name, values)` receives detached per-sample values for the tick statistics.
+    """
+
+    def __init__(self, G: torch.nn.Module, D: torch.nn.Module, D_nir: torch.nn.Module | None,
+                 config: LossConfig, augment_pipe: Callable | None = None, stat: StatFn | None = None) -> None:
+        self.G, self.D, self.D_nir = G, D, D_nir
+        self.config = config
+        self.augment_pipe = augment_pipe
+        self.stat = stat or (lambda name, value: None)
+        self.pl_mean = torch.zeros([], device=next(G.parameters()).device)
+
+    def run_G(self, z: torch.Tensor, c: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        ws = self.G.mapping(z, c, update_emas=True)
+        if self.config.style_mixing_prob > 0:
+            ws = self._mix_styles(ws, z, c)
+        vis, nir = self.G.synthesis(ws, noise_mode="random")
+        return vis, nir, ws
+
+    def _mix_styles(self, ws: torch.Tensor, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        # One cutoff per batch, as upstream; torch.where instead of slicing avoids a device sync.
+        num_ws = ws.shape[1]
+        cutoff = torch.randint(1, num_ws, [], device=ws.device)
+        mix = torch.rand([], device=ws.device) < self.config.style_mixing_prob
+        cutoff = torch.where(mix, cutoff, torch.full_like(cutoff, num_ws))
+        other = self.G.mapping(torch.randn_like(z), c, update_emas=False)
+        layer = torch.arange(num_ws, device=ws.device).view(1, -1, 1)
+        return torch.where(layer < cutoff, ws, other)
+
+    def run_D(self, vis: torch.Tensor, nir: torch.Tensor | None, c: torch.Tensor | None,
+              with_nir: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both images go through the augment pipe together (one shared geometric transform)."""
+        if self.augment_pipe is not None:
+            vis, nir = self.augment_pipe(vis, nir)
+        use_nir = with_nir and self.D_nir is not None and nir is not None
+        return self.D(vis, c), (self.D_nir(nir) if use_nir else None)
+
+    def accumulate_gradients(self, phase: str, real_vis: torch.Tensor, real_nir: torch.Tensor | None,
+                             real_c: torch.Tensor | None, gen_z: torch.Tensor, gen_c: torch.Tensor | None,
+                             gain: float) -> torch.Tensor | None:
+        """Backward of one phase's loss (times `gain`). Dmain returns the VIS D's real logits (for ADA)."""
+        if phase == "Gmain":
+            self._generator_main(gen_z, gen_c, gain)
+        elif phase == "Greg":
+            if self.config.pl_weight != 0:
+                self._path_length(gen_z, gen_c, gain)
+        elif phase == "Dmain":
+            return self._discriminator_main(real_vis, real_nir, real_c, gen_z, gen_c, gain)
+        elif phase == "Dreg":
+            self._r1(real_vis, real_nir, real_c, gain)
+        else:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        return None
+
+    def _generator_main(self, z: torch.Tensor, c: torch.Tensor | None, gain: float) -> None:
+        vis, nir, _ = self.run_G(z, c)
+        logits, logits_nir = self.run_D(vis, nir, c)
+        loss = generator_loss(logits, logits_nir, self.config.nir_loss_weight)
+        self.stat("Loss/scores/fake", logits)
+        if logits_nir is not None:
+            self.stat("Loss/scores/fake_nir", logits_nir)
+        self.stat("Loss/G/loss", loss)
+        loss.mean().mul(gain).backward()
+
+    def _path_length(self, z: torch.Tensor, c: torch.Tensor | None, gain: float) -> None:
+        n = max(z.shape[0] // self.config.pl_batch_shrink, 1)
+        vis, nir, ws = self.run_G(z[:n], c[:n] if c is not None else None)
+        noise_nir = path_length_noise(nir) if nir is not None else None
+        lengths = path_lengths(vis, nir, ws, path_length_noise(vis), noise_nir)
+        penalty, new_mean = path_length_penalty(lengths, self.pl_mean, self.config.pl_decay)
+        self.pl_mean.copy_(new_mean.detach())
+        self.stat("Loss/pl_penalty", penalty)
+        (penalty * self.config.pl_weight).mean().mul(gain).backward()
+
+    def _discriminator_main(self, real_vis: torch.Tensor, real_nir: torch.Tensor | None,
+                            real_c: torch.Tensor | None, z: torch.Tensor, c: torch.Tensor | None,
+                            gain: float) -> torch.Tensor:
+        with torch.no_grad():  # the D step needs no graph through G
+            vis, nir, _ = self.run_G(z, c)
+        logits, logits_nir = self.run_D(vis, nir, c)
+        loss = discriminator_fake_loss(logits).mean()
+        if logits_nir is not None:
+            loss = loss + discriminator_fake_loss(logits_nir).mean()
+        loss.mul(gain).backward()
+
+        real_logits, real_logits_nir = self.run_D(real_vis, real_nir, real_c)
+        loss_real = discriminator_real_loss(real_logits)
+        self.stat("Loss/scores/real", real_logits)
+        self.stat("Loss/signs/real", real_logits.sign())
+        self.stat("Loss/D/loss", discriminator_fake_loss(logits) + loss_real)
+        total = loss_real.mean()
+        if real_logits_nir is not None:
+            loss_real_nir = discriminator_real_loss(real_logits_nir)
+            self.stat("Loss/scores/real_nir", real_logits_nir)
+            self.stat("Loss/D_NIR/loss", discriminator_fake_loss(logits_nir) + loss_real_nir)
+            total = total + loss_real_nir.mean()
+        total.mul(gain).backward()
+        return real_logits.detach()
+
+    def _r1(self, real_vis: torch.Tensor, real_nir: torch.Tensor | None, real_c: torch.Tensor | None,
+            gain: float) -> None:
+        cfg = self.config
+        nir_r1 = cfg.nir_r1 and cfg.gamma_nir != 0 and real_nir is not None and self.D_nir is not None
+        if cfg.r1_gamma == 0 and not nir_r1:
+            return
+        vis = real_vis.detach().requires_grad_(True)
+        nir = real_nir.detach().requires_grad_(nir_r1) if real_nir is not None else None
+        logits, logits_nir = self.run_D(vis, nir, real_c, with_nir=nir_r1)
+        pairs = ([(logits, vis, cfg.r1_gamma, "Loss/r1_penalty")] if cfg.r1_gamma != 0 else []) + (
+            [(logits_nir, nir, cfg.gamma_nir, "Loss/r1_penalty_nir")] if nir_r1 else [])
+        penalties = r1_penalties([p[0] for p in pairs], [p[1] for p in pairs])
+        total = 0
+        for (lg, _, gamma, name), penalty in zip(pairs, penalties):
+            self.stat(name, penalty)
+            # `lg * 0` keeps every D parameter in the graph, as upstream does for DDP.
+            total = total + (lg.squeeze(1) * 0 + penalty * (gamma / 2)).mean()
+        total.mul(gain).backward()

@@ -1,0 +1,156 @@
+"""The training job spec: YAML + `key=value` overrides -> a frozen, validated `TrainSpec`.
+
+Same conventions as `engine.spec` (the generation spec): pydantic, `extra='forbid'`, errors that name
+the dotted key. `resolve_hyperparams` turns `config` (a preset plus explicit overrides) into the
+numbers the loop uses, once the dataset resolution and the number of workers are known.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.spec import apply_override, format_validation_error, parse_value
+from engine.training.presets import Hyperparams, resolve
+from models.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Section):
+    uri: str = Field(description="VIS/ NIR/ identity_features.json folder, or WebDataset shards (any fsspec URI)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    mirror: bool = Field(False, description="x-flip augmentation, applied to VIS and NIR together")
+    cond: bool = Field(True, description="condition on identity features (the original's --cond)")
+    resolution: int | None = Field(None, ge=4, description="resize to this (default: the images' size)")
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per training worker")
+
+
+class ConfigSpec(_Section):
+    """A preset (`--cfg`) and explicit overrides; null = the preset's value."""
+
+    preset: Literal["auto", "biface256", "paper256", "stylegan2"] = "auto"
+    kimg: float | None = Field(None, gt=0, description="training length in thousands of real images")
+    batch: int | None = Field(None, ge=1, description="global batch size")
+    batch_per_worker: int | None = Field(None, ge=1, description="per forward pass (gradient accumulation)")
+    gamma: float | None = Field(None, ge=0, description="R1 weight")
+    lr: float | None = Field(None, gt=0)
+    ema_kimg: float | None = Field(None, ge=0, description="G EMA half-life")
+    ema_rampup: float | None = Field(None, ge=0, description="0 = no ramp-up")
+    mbstd_group: int | None = Field(None, ge=1)
+    channel_base: int | None = Field(None, ge=1)
+    channel_max: int | None = Field(None, ge=1)
+    mapping_layers: int | None = Field(None, ge=1)
+    z_dim: int | None = Field(None, ge=1)
+    w_dim: int | None = Field(None, ge=1)
+    fp32: bool = Field(False, description="disable the fp16 top blocks (the original's --fp32)")
+    freeze_d: int = Field(0, ge=0, description="Freeze-D: layers of D kept fixed (the original's --freezed)")
+
+
+class LossSpec(_Section):
+    nir_loss_weight: float = Field(0.1, ge=0, description="λ_NIR on the generator's NIR term")
+    nir_r1: bool = Field(True, description="R1 on the NIR D too (false = the original's missing R1)")
+    gamma_nir: float | None = Field(None, ge=0, description="R1 weight of the NIR D (default: gamma)")
+    pl_weight: float = Field(2.0, ge=0)
+    pl_batch_shrink: int = Field(2, ge=1)
+    pl_decay: float = Field(0.01, ge=0, le=1)
+    style_mixing_prob: float = Field(0.9, ge=0, le=1)
+    g_reg_interval: int = Field(4, ge=1)
+    d_reg_interval: int = Field(16, ge=1)
+
+
+class AugmentSpec(_Section):
+    mode: Literal["ada", "noaug", "fixed"] = "ada"
+    p: float = Field(0.0, ge=0, le=1, description="augmentation probability (--aug fixed)")
+    target: float = Field(0.6, gt=0, lt=1, description="ADA target of E[sign(D(real))]")
+    pipe: str = Field("bgc", description="augment pipe name")
+    interval: int = Field(4, ge=1, description="steps between ADA adjustments")
+    speed_kimg: float = Field(500, gt=0, description="kimg for p to move 0 -> 1")
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> AugmentSpec:
+        if self.p != 0 and self.mode != "fixed":
+            raise ValueError("augment.p: only applies with augment.mode 'fixed'")
+        return self
+
+
+class ScheduleSpec(_Section):
+    tick_kimg: float = Field(4.0, gt=0, description="kimg between ticks (log line, stats)")
+    snap: int | None = Field(50, ge=1, description="ticks between network snapshots (null = none)")
+    image_snap: int | None = Field(None, ge=1, description="ticks between image grids (default: snap)")
+    checkpoint_minutes: float | None = Field(10.0, gt=0, description="also checkpoint when this much time passed")
+    checkpoint_ticks: int | None = Field(None, ge=1, description="also checkpoint every N ticks")
+    keep_checkpoints: int = Field(2, ge=1)
+    grid: tuple[int, int] | None = Field(None, description="grid columns x rows (default: the original's)")
+
+
+class MetricsSpec(_Section):
+    fid_weights: str | None = Field(None, description="Inception feature extractor (state dict); null = FID off")
+    fid_images: int = Field(50000, ge=2, description="generated images per FID (fid50k_full)")
+    fid_batch: int = Field(64, ge=1)
+
+
+class OutputSpec(_Section):
+    dir: str = Field(description="where run directories NNNNN-<desc> go (local path or fsspec URI)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    desc: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$", description="run name suffix (default: derived)")
+
+
+class TrainRunSpec(_Section):
+    """How to run; does not change what is learned."""
+
+    executor: Literal["local", "ray"] = "ray"
+    address: str | None = Field(None, description="Ray cluster address (default: local embedded Ray)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (the original's --gpus)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_failures: int = Field(3, ge=-1, description="automatic restarts from the last checkpoint (-1 = forever)")
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class TrainSpec(_Section):
+    seed: int = Field(0, ge=0, lt=2**31)
+    data: DataSpec
+    output: OutputSpec
+    config: ConfigSpec = ConfigSpec()
+    loss: LossSpec = LossSpec()
+    augment: AugmentSpec = AugmentSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    resume: str | None = Field(None, description="run directory, native snapshot folder or original .pkl")
+    run: TrainRunSpec = TrainRunSpec()
+
+    @model_validator(mode="after")
+    def _check_local(self) -> TrainSpec:
+        if self.run.executor == "local" and self.run.num_workers != 1:
+            raise ValueError("run.num_workers: the local executor runs one worker; use run.executor 'ray'")
+        return self
+
+
+def resolve_hyperparams(spec: TrainSpec, resolution: int, num_workers: int | None = None) -> Hyperparams:
+    """`config` at this resolution on `num_workers` (default: `run.num_workers`)."""
+    overrides = spec.config.model_dump(exclude={"preset"})
+    return resolve(spec.config.preset, resolution, num_workers or spec.run.num_workers, overrides)
+
+
+def build_train_spec(tree: dict[str, Any], overrides: list[str] = ()) -> TrainSpec:
+    """Validate a spec tree after `key=value` overrides; errors name the dotted key."""
+    tree = json.loads(json.dumps(tree))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.nir_loss_weight=0.5")
+        key, text = item.split("=", 1)
+        apply_override(tree, key.strip(), parse_value(text))
+    try:
+        return TrainSpec.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err).replace("invalid job spec", "invalid training spec")) from None
+
+
+def train_spec_to_yaml(spec: TrainSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+

@@ -1,0 +1,252 @@
+"""Once-per-tick maintenance of the training loop: statistics, log line, grids, snapshots, checkpoints.
+
+Every rank calls `run` at the same steps (ticks are decided from counters all ranks share); rank 0
+alone writes the run directory. A checkpoint is due at a network snapshot, every `checkpoint_ticks`,
+when `checkpoint_minutes` have passed on rank 0 (the decision is shared with one all-reduce), and at
+the end. It is handed to `ctx.report` as a folder named `checkpoint-<nimg>`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.training import distributed as dist
+from engine.training.rundir import default_grid
+from engine.training.snapshot import checkpoint_name, save_snapshot, snapshot_name, upload_folder
+from engine.training.stats import scalar
+from models.generator import images_to_uint8
+
+if TYPE_CHECKING:
+    from engine.training.loop import Trainer
+
+
+def format_time(seconds: float) -> str:
+    """dnnlib.util.format_time: 42s, 3m 07s, 2h 03m 07s, 1d 02h 03m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s // 60 % 60:02d}m {s % 60:02d}s"
+    return f"{s // 86400}d {s // 3600 % 24:02d}h {s // 60 % 60:02d}m"
+
+
+class TickWork:
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+        self.sched = trainer.spec.schedule
+        now = time.time()
+        self.start_time = self.tick_start_time = self.last_checkpoint_time = now
+        self.tick_start_nimg = trainer.cur_nimg
+        self.maintenance_sec = 0.0
+        self.snapshots: list[str] = []
+        self.checkpoints = 0
+        self.last_metrics: dict[str, Any] = {}
+        self.fid = None
+        grid = self.sched.grid or default_grid(trainer.data.resolution)
+        self.grid = (int(grid[0]), int(grid[1]))
+
+    # -- start ---------------------------------------------------------------------------------------
+    def begin(self) -> None:
+        t, out = self.t, self.t.out
+        if t.spec.metrics.fid_weights and t.ctx.is_main:
+            from engine.training.fid import FidMetric
+
+            self.fid = FidMetric(t.spec.metrics, t.device)
+        if out is None:
+            return
+        self._grid_inputs()
+        if t.start.kind == "checkpoint":
+            dropped = out.truncate_stats(t.cur_nimg / 1000)
+            out.log(f"Restarted from checkpoint {Path(t.start.source).name} at kimg {t.cur_nimg / 1000:.3f} "
+                    f"(tick {t.cur_tick}); {dropped} stats entries past it dropped")
+        else:
+            self._log_start()
+        out.flush()
+
+    def _log_start(self) -> None:
+        t, out = self.t, self.t.out
+        out.write_options(self.options())
+        data = t.data
+        out.log(f"Dataset {data.name}: {len(data)} items ({data.num_samples} pairs, mirror {t.spec.data.mirror}), "
+                f"{data.resolution}x{data.resolution}, c_dim {data.c_dim}")
+        for name, net in t.nets.items():
+            out.log(f"{name}: {sum(p.numel() for p in net.parameters()):,} parameters")
+        hp = t.hp
+        out.log(f"Preset {hp.preset}: batch {hp.batch_size} ({t.ctx.world_size} workers x {hp.batch_per_worker} "
+                f"x {hp.rounds} rounds), lr {hp.lr:g}, gamma {hp.gamma:g}, ema {hp.ema_kimg:g} kimg, "
+                f"{hp.total_kimg:g} kimg; lambda_NIR {t.spec.loss.nir_loss_weight:g}, NIR R1 {t.spec.loss.nir_r1}")
+        for note in t.start.notes:
+            out.log(note)
+        if t.start.kind != "fresh":
+            out.log(f"Resuming from {t.start.kind} {t.start.source} at kimg {t.cur_nimg / 1000:.3f}")
+        out.log("FID: on (VIS and NIR)" if self.fid else
+                "FID: off (no Inception feature-extractor weights; set metrics.fid_weights / --fid-weights)")
+        vis, nir = self._reals
+        out.write_grid("reals.png", vis, self.grid)
+        out.write_grid("reals_nir.png", nir, self.grid)
+        self._write_fakes("fakes_init")
+
+    def options(self) -> dict[str, Any]:
+        t = self.t
+        return {"spec": t.spec.model_dump(mode="json"), "hyperparameters": t.hp.to_dict(),
+                "G_kwargs": t.G.config.to_dict(), "D_kwargs": t.D.config.to_dict(),
+                "D_NIR_kwargs": t.D_nir.config.to_dict(), "num_gpus": t.ctx.world_size,
+                "batch_size": t.hp.batch_size, "batch_gpu": t.hp.batch_per_worker, "total_kimg": t.hp.total_kimg,
+                "kimg_per_tick": self.sched.tick_kimg, "network_snapshot_ticks": self.sched.snap,
+                "image_snapshot_ticks": self.sched.image_snap or self.sched.snap, "random_seed": t.spec.seed,
+                "training_set_kwargs": {"path": t.spec.data.uri, "resolution": t.data.resolution,
+                                        "use_labels": t.spec.data.cond, "xflip": t.spec.data.mirror,
+                                        "max_size": len(t.data)},
+                "run_dir": t.run_storage.uri, "device": str(t.device)}
+
+    def _grid_inputs(self) -> None:
+        """Fixed grid samples: seeded real pairs, their conditions, and seeded z."""
+        t = self.t
+        n = self.grid[0] * self.grid[1]
+        g = torch.Generator().manual_seed(t.spec.seed)
+        order = torch.randperm(t.data.num_samples, generator=g)
+        picks = order[torch.arange(n) % len(order)].tolist()
+        items = [t.data[i] for i in picks]
+        self._reals = (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]))
+        self.grid_c = torch.as_tensor(t.data.conditions[picks], dtype=torch.float32)
+        self.grid_z = torch.randn([n, t.G.z_dim], generator=g)
+
+    @torch.no_grad()
+    def _write_fakes(self, stem: str) -> None:
+        t = self.t
+        vis_parts, nir_parts = [], []
+        for z, c in zip(self.grid_z.split(t.hp.batch_per_worker), self.grid_c.split(t.hp.batch_per_worker)):
+            vis, nir = t.G_ema(z.to(t.device), c.to(t.device), noise_mode="const")
+            vis_parts.append(images_to_uint8(vis).cpu())
+            nir_parts.append(images_to_uint8(nir).cpu())
+        t.out.write_grid(f"{stem}.png", torch.cat(vis_parts), self.grid)
+        t.out.write_grid(f"{stem}_nir.png", torch.cat(nir_parts), self.grid)
+
+    # -- every tick ------------------------------------------------------------------------------------
+    def due(self) -> bool:
+        t = self.t
+        return t.cur_tick == 0 or t.cur_nimg >= self.tick_start_nimg + self.sched.tick_kimg * 1000
+
+    def run(self, done: bool) -> None:
+        t, s = self.t, self.sched
+        tick_end = time.time()
+        stats = t.stats.reduce(t.ctx.world_size)
+        snapshot_now = s.snap is not None and (done or t.cur_tick % s.snap == 0)
+        image_snap = s.image_snap or s.snap
+        images_now = image_snap is not None and (done or t.cur_tick % image_snap == 0)
+        timed = s.checkpoint_minutes is not None and tick_end - self.last_checkpoint_time >= 60 * s.checkpoint_minutes
+        every = s.checkpoint_ticks is not None and t.cur_tick % s.checkpoint_ticks == 0
+        checkpoint_now = dist.any_rank(done or snapshot_now or every or (timed and t.ctx.is_main),
+                                       t.ctx.world_size, t.device)
+        stats.update(self._progress(tick_end))
+        stats["Progress/replica_spread"] = scalar(self._replica_spread())
+
+        folder = None
+        if snapshot_now or checkpoint_now:
+            payload = self._training_state()  # collective: every rank contributes its RNG
+            if t.ctx.is_main:
+                folder = self._write_snapshot(payload, snapshot_now, stats)
+            self.last_checkpoint_time = time.time()
+        if t.out is not None:
+            t.out.log(self._line(stats))
+            if images_now:
+                self._write_fakes(f"fakes{t.cur_nimg // 1000:06d}")
+            t.out.append_stats(stats)
+            t.out.flush()
+        self.last_metrics = {k: v["mean"] for k, v in stats.items()}
+        report_dir = str(folder) if folder is not None and checkpoint_now else None
+        t.ctx.report({**self.last_metrics, "kimg": t.cur_nimg / 1000, "tick": t.cur_tick}, report_dir)
+        if folder is not None:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+            self.checkpoints += int(checkpoint_now)
+
+        t.cur_tick += 1
+        self.tick_start_nimg = t.cur_nimg
+        self.tick_start_time = time.time()
+        self.maintenance_sec = self.tick_start_time - tick_end
+
+    def _progress(self, tick_end: float) -> dict[str, dict[str, float]]:
+        t = self.t
+        nimg = max(t.cur_nimg - self.tick_start_nimg, 1)
+        gpu_gb = torch.cuda.max_memory_allocated(t.device) / 2**30 if t.device.type == "cuda" else 0.0
+        if t.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(t.device)
+        p = float(t.augment_pipe.p) if t.augment_pipe is not None else 0.0
+        values = {
+            "Progress/tick": t.cur_tick, "Progress/kimg": t.cur_nimg / 1000, "Progress/augment": p,
+            "Timing/total_sec": tick_end - self.start_time, "Timing/sec_per_tick": tick_end - self.tick_start_time,
+            "Timing/sec_per_kimg": (tick_end - self.tick_start_time) / nimg * 1000,
+            "Timing/maintenance_sec": self.maintenance_sec,
+            "Resources/cpu_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "Resources/peak_gpu_mem_gb": gpu_gb,
+        }
+        return {k: scalar(v) for k, v in values.items()}
+
+    @staticmethod
+    def _line(stats: dict[str, dict[str, float]]) -> str:
+        v = {k: e["mean"] for k, e in stats.items()}
+        return (f"tick {int(v['Progress/tick']):<5d} kimg {v['Progress/kimg']:<8.1f} "
+                f"time {format_time(v['Timing/total_sec']):<12s} sec/tick {v['Timing/sec_per_tick']:<7.1f} "
+                f"sec/kimg {v['Timing/sec_per_kimg']:<7.2f} maintenance {v['Timing/maintenance_sec']:<6.1f} "
+                f"cpumem {v['Resources/cpu_mem_gb']:<6.2f} gpumem {v['Resources/peak_gpu_mem_gb']:<6.2f} "
+                f"augment {v['Progress/augment']:.3f}")
+
+    def _replica_spread(self) -> float:
+        """Largest difference between ranks of the weight sums: 0 when DDP keeps the replicas equal."""
+        t = self.t
+        sums = [float(sum(p.detach().double().sum() for p in t.nets[k].parameters())) for k in ("G", "D", "D_NIR")]
+        every = dist.gather_objects(sums, t.ctx.world_size)
+        return max(abs(a - b) for rank in every for a, b in zip(rank, every[0]))
+
+    # -- snapshots ---------------------------------------------------------------------------------
+    def _training_state(self) -> dict[str, Any]:
+        t = self.t
+        mine = {"rng_cpu": torch.get_rng_state(), "pl_mean": float(t.loss.pl_mean),
+                "rng_cuda": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None}
+        ranks = dist.gather_objects(mine, t.ctx.world_size)
+        return {
+            "cur_nimg": t.cur_nimg, "cur_tick": t.cur_tick, "batch_idx": t.batch_idx,
+            "world_size": t.ctx.world_size, "seed": t.spec.seed,
+            "optimizers": {name: opt.state_dict() for name, opt in t.opts.items()},
+            "augment_p": float(t.augment_pipe.p) if t.augment_pipe is not None else 0.0,
+            "ada": t.ada.state_dict() if t.ada is not None else None,
+            "ranks": ranks,
+        }
+
+    def _write_snapshot(self, state: dict[str, Any], keep: bool, stats: dict) -> Path:
+        t = self.t
+        folder = Path(tempfile.mkdtemp(prefix="facegen-ckpt-")) / checkpoint_name(t.cur_nimg)
+        info = {"cur_nimg": t.cur_nimg, "kimg": t.cur_nimg / 1000, "cur_tick": t.cur_tick,
+                "augment_p": state["augment_p"], "run_dir": t.run_storage.uri,
+                "dataset": t.spec.data.uri, "resolution": t.data.resolution, "c_dim": t.data.c_dim}
+        nets = {k: v for k, v in t.nets.items()}
+        save_snapshot(folder, nets, state, info)
+        if keep:
+            name = snapshot_name(t.cur_nimg)
+            upload_folder(folder, t.run_storage, name)
+            self.snapshots.append(name)
+            if self.fid is not None:
+                results = self.fid.evaluate(t.G_ema, t.data, t.conditions)
+                stats.update({f"Metrics/{k}": scalar(v) for k, v in results.items()})
+                t.out.storage.write_text(f"metric-fid-{name}.json", json.dumps(results) + "\n")
+        return folder
+
+    # -- end ---------------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        t = self.t
+        if t.out is not None:
+            t.out.log(f"Done: kimg {t.cur_nimg / 1000:.3f}, tick {t.cur_tick}")
+            t.out.flush()
+        return {"run_dir": t.run_storage.uri, "cur_nimg": t.cur_nimg, "kimg": t.cur_nimg / 1000,
+                "batch_idx": t.batch_idx, "ticks": t.cur_tick, "start": t.start.kind, "snapshots": self.snapshots,
+                "checkpoints": self.checkpoints, "metrics": self.last_metrics}
