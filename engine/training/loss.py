@@ -161,8 +161,9 @@ class ArcBiFaceLoss:
     def _path_length(self, z: torch.Tensor, c: torch.Tensor | None, gain: float) -> None:
         n = max(z.shape[0] // self.config.pl_batch_shrink, 1)
         vis, nir, ws = self.run_G(z[:n], c[:n] if c is not None else None)
+        noise_vis = path_length_noise(vis)
         noise_nir = path_length_noise(nir) if nir is not None else None
-        lengths = path_lengths(vis, nir, ws, path_length_noise(vis), noise_nir)
+        lengths = path_lengths(vis, nir, ws, noise_vis, noise_nir)
         penalty, new_mean = path_length_penalty(lengths, self.pl_mean, self.config.pl_decay)
         self.pl_mean.copy_(new_mean.detach())
         self.stat("Loss/pl_penalty", penalty)

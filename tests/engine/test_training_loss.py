@@ -1,0 +1,245 @@
+"""Loss terms against hand-computed values on fixed tensors (SPEC §3): λ_NIR scaling, R1 on both D's,
+path length on the summed VIS+NIR gradients, D losses, and the phases' gradients."""
+
+import math
+
+import pytest
+import torch
+
+from engine.training.loss import (
+    ArcBiFaceLoss,
+    LossConfig,
+    discriminator_fake_loss,
+    discriminator_real_loss,
+    generator_loss,
+    path_length_noise,
+    path_length_penalty,
+    path_lengths,
+    r1_penalties,
+)
+from models.discriminator import Discriminator, DiscriminatorConfig
+from models.generator import Generator, GeneratorConfig
+
+LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
+
+
+# -- pure terms ----------------------------------------------------------------------------------------
+def test_generator_loss_scales_only_the_nir_term():
+    vis = torch.tensor([[0.0], [LN3]])
+    nir = torch.tensor([[0.0], [-LN3]])
+    # softplus(-0) = ln 2; softplus(-ln 3) = ln(4/3); softplus(ln 3) = ln 4
+    expected = torch.tensor([[LN2 + 0.1 * LN2], [math.log(4 / 3) + 0.1 * LN4]])
+    assert torch.allclose(generator_loss(vis, nir, 0.1), expected, atol=1e-6)
+    assert torch.allclose(generator_loss(vis, nir, 0.0), torch.tensor([[LN2], [math.log(4 / 3)]]), atol=1e-6)
+    assert torch.allclose(generator_loss(vis, nir, 0.5), torch.tensor([[1.5 * LN2], [math.log(4 / 3) + 0.5 * LN4]]),
+                          atol=1e-6)
+
+
+def test_discriminator_losses():
+    logits = torch.tensor([[0.0], [LN3], [-LN3]])
+    assert torch.allclose(discriminator_fake_loss(logits), torch.tensor([[LN2], [LN4], [math.log(4 / 3)]]))
+    assert torch.allclose(discriminator_real_loss(logits), torch.tensor([[LN2], [math.log(4 / 3)], [LN4]]))
+
+
+def test_r1_penalty_of_a_quadratic_discriminator():
+    # D(x) = 0.5 * sum(x^2): grad = x, penalty = sum(x^2) per sample; a second D(y) = 3 * sum(y).
+    x = torch.tensor([[[[1.0, 2.0]], [[0.0, -1.0]], [[3.0, 0.0]]]]).requires_grad_(True)  # [1,3,1,2]
+    y = torch.tensor([[[[1.0, -1.0]]], [[[2.0, 0.5]]]]).requires_grad_(True)  # [2,1,1,2]
+    pen_x, pen_y = r1_penalties([0.5 * x.square().sum([1, 2, 3]), 3 * y.sum([1, 2, 3])], [x, y])
+    assert pen_x.tolist() == [1 + 4 + 0 + 1 + 9 + 0]
+    assert pen_y.tolist() == [18.0, 18.0]  # (3^2) * 2 pixels
+
+
+def test_path_length_uses_the_gradient_of_the_summed_outputs():
+    # ws [N, 2 ws, 1 dim]; vis = 2 w0 + w1; nir = 3 w0 - 4 w1 (1x1 images), noise 1 everywhere.
+    ws = torch.tensor([[[1.0], [2.0]], [[-1.0], [0.5]]], requires_grad=True)
+    vis = (2 * ws[:, 0] + ws[:, 1]).view(2, 1, 1, 1)
+    nir = (3 * ws[:, 0] - 4 * ws[:, 1]).view(2, 1, 1, 1)
+    ones = torch.ones(2, 1, 1, 1)
+    # summed gradient per ws: [2+3, 1-4] = [5, -3] -> mean of squares 17 -> sqrt(17)
+    assert torch.allclose(path_lengths(vis, nir, ws, ones, ones), torch.full([2], math.sqrt(17)))
+    # the NIR noise flipped: [2-3, 1+4] = [-1, 5] -> sqrt(13); not a sum of separate lengths
+    assert torch.allclose(path_lengths(vis, nir, ws, ones, -ones), torch.full([2], math.sqrt(13)))
+    # VIS alone: [2, 1] -> sqrt(2.5)
+    assert torch.allclose(path_lengths(vis, None, ws, ones, None), torch.full([2], math.sqrt(2.5)))
+
+
+def test_path_length_penalty_and_running_mean():
+    lengths = torch.tensor([1.0, 3.0])
+    penalty, mean = path_length_penalty(lengths, torch.tensor(0.0), 0.01)
+    assert mean.item() == pytest.approx(0.02)  # 0 + 0.01 * (2 - 0)
+    assert torch.allclose(penalty, torch.tensor([0.98**2, 2.98**2]))
+    penalty, mean = path_length_penalty(lengths, torch.tensor(2.5), 0.5)
+    assert mean.item() == pytest.approx(2.25) and torch.allclose(penalty, torch.tensor([1.25**2, 0.75**2]))
+
+
+def test_path_length_noise_scale():
+    torch.manual_seed(0)
+    noise = path_length_noise(torch.zeros(64, 3, 16, 16))
+    assert noise.std().item() == pytest.approx(1 / 16, rel=0.02)
+
+
+# -- phases with stand-in networks -------------------------------------------------------------------
+class StubG(torch.nn.Module):
+    """ws = [m z, m z] (m = 1); vis = s * w0[:3] (1x1), nir = t * w1[3]. Linear, no randomness."""
+
+    z_dim, c_dim = 4, 0
+
+    def __init__(self, s=1.0, t=1.0):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.tensor(s))
+        self.t = torch.nn.Parameter(torch.tensor(t))
+        self.m = torch.nn.Parameter(torch.tensor(1.0))  # makes ws depend on a parameter, as in a real G
+
+    def mapping(self, z, c, update_emas=False):
+        return (self.m * z).unsqueeze(1).repeat(1, 2, 1)
+
+    def synthesis(self, ws, noise_mode="random"):
+        n = ws.shape[0]
+        return (self.s * ws[:, 0, :3]).view(n, 3, 1, 1), (self.t * ws[:, 1, 3:]).view(n, 1, 1, 1)
+
+
+class LinearD(torch.nn.Module):
+    """D(img) = a * sum(img) (logits [N, 1]); ignores c."""
+
+    def __init__(self, a=0.0):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a))
+
+    def forward(self, img, c=None):
+        return (self.a * img.sum([1, 2, 3])).unsqueeze(1)
+
+
+class Doubler:
+    """Stand-in augment pipe: scales both images by 2 (records what it saw)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, vis, nir):
+        self.calls.append((vis.shape[1], None if nir is None else nir.shape[1]))
+        return 2 * vis, 2 * nir
+
+
+def _loss(G, D, D_nir, stats=None, pipe=None, **config):
+    config = {"style_mixing_prob": 0.0, **config}
+    record = (lambda name, value: stats.setdefault(name, []).append(value.detach().clone())) if stats is not None \
+        else None
+    return ArcBiFaceLoss(G, D, D_nir, LossConfig(**config), augment_pipe=pipe, stat=record)
+
+
+REAL_VIS = torch.tensor([1.0, 2.0, 3.0, -1.0, 0.0, 0.5]).view(2, 3, 1, 1)
+REAL_NIR = torch.tensor([2.0, -3.0]).view(2, 1, 1, 1)
+
+
+@pytest.mark.parametrize("nir_r1", [True, False])
+def test_r1_on_both_discriminators(nir_r1):
+    D, D_nir, stats = LinearD(2.0), LinearD(-3.0), {}
+    loss = _loss(StubG(), D, D_nir, stats, r1_gamma=10.0, r1_gamma_nir=4.0, nir_r1=nir_r1)
+    loss.accumulate_gradients("Dreg", REAL_VIS, REAL_NIR, None, torch.zeros(2, 4), None, gain=16)
+    # grad_x D = a at every pixel: penalty = a^2 * pixels; loss = gamma/2 * penalty; d/da = gamma * a * pixels
+    assert [t.tolist() for t in stats["Loss/r1_penalty"]] == [[12.0, 12.0]]  # 2^2 * 3 pixels
+    assert D.a.grad.item() == pytest.approx(16 * 10.0 * 2.0 * 3)
+    if nir_r1:
+        assert [t.tolist() for t in stats["Loss/r1_penalty_nir"]] == [[9.0, 9.0]]  # (-3)^2 * 1 pixel
+        assert D_nir.a.grad.item() == pytest.approx(16 * 4.0 * -3.0 * 1)
+    else:  # the original's behaviour: the NIR D gets no R1 at all
+        assert "Loss/r1_penalty_nir" not in stats and D_nir.a.grad is None
+
+
+def test_r1_is_taken_through_the_augment_pipe_with_respect_to_the_real_images():
+    D, D_nir, stats, pipe = LinearD(2.0), LinearD(-3.0), {}, Doubler()
+    loss = _loss(StubG(), D, D_nir, stats, pipe=pipe, r1_gamma=1.0)
+    loss.accumulate_gradients("Dreg", REAL_VIS, REAL_NIR, None, torch.zeros(2, 4), None, gain=1)
+    assert pipe.calls == [(3, 1)]  # one call, VIS and NIR together
+    assert stats["Loss/r1_penalty"][0].tolist() == [48.0, 48.0]  # (2 * 2)^2 * 3
+    assert stats["Loss/r1_penalty_nir"][0].tolist() == [36.0, 36.0]  # (2 * -3)^2
+
+
+def test_discriminator_main_losses_and_gradients():
+    # D's start at a = 0: every logit is 0, each loss term is ln 2 and sigmoid = 1/2.
+    G, D, D_nir, stats = StubG(), LinearD(0.0), LinearD(0.0), {}
+    z = torch.tensor([[1.0, 1.0, 1.0, 4.0], [0.0, 2.0, -1.0, 2.0]])
+    loss = _loss(G, D, D_nir, stats, nir_loss_weight=0.1)
+    real_logits = loss.accumulate_gradients("Dmain", REAL_VIS, REAL_NIR, None, z, None, gain=1)
+    assert real_logits.tolist() == [[0.0], [0.0]]
+    assert stats["Loss/D/loss"][0].flatten().tolist() == pytest.approx([2 * LN2] * 2)
+    assert stats["Loss/D_NIR/loss"][0].flatten().tolist() == pytest.approx([2 * LN2] * 2)
+    # dL/da = 1/2 mean(sum fake) - 1/2 mean(sum real); fake sums 3, 1; real sums 6, -0.5
+    assert D.a.grad.item() == pytest.approx(0.5 * 2.0 - 0.5 * 2.75)
+    # the NIR D's loss is NOT weighted by λ_NIR: fake 4, 2; real 2, -3
+    assert D_nir.a.grad.item() == pytest.approx(0.5 * 3.0 - 0.5 * -0.5)
+    assert G.s.grad is None and G.t.grad is None  # no graph through G in the D step
+
+
+@pytest.mark.parametrize("nir_weight", [0.0, 0.1, 0.5])
+def test_generator_main_gradient_scales_the_nir_term(nir_weight):
+    # vis = s*z[:3], nir = t*z[3]; D(vis) = a*sum(vis), D_nir(nir) = b*nir at s = t = 1
+    G, a, b = StubG(), 0.5, -0.25
+    z = torch.tensor([[1.0, 1.0, 1.0, 4.0], [0.0, 2.0, -1.0, 2.0]])
+    stats = {}
+    loss = _loss(G, LinearD(a), LinearD(b), stats, nir_loss_weight=nir_weight)
+    loss.accumulate_gradients("Gmain", REAL_VIS, REAL_NIR, None, z, None, gain=1)
+    sv, sn = z[:, :3].sum(1), z[:, 3]
+    # d/ds mean softplus(-a s Sv) = mean(-sigmoid(-a Sv) a Sv); same for t with λ in front
+    assert G.s.grad.item() == pytest.approx((-torch.sigmoid(-a * sv) * a * sv).mean().item(), rel=1e-6)
+    expected_t = nir_weight * (-torch.sigmoid(-b * sn) * b * sn).mean().item()
+    assert G.t.grad.item() == pytest.approx(expected_t, rel=1e-6, abs=1e-12)
+    expected_loss = generator_loss(a * sv.view(2, 1), b * sn.view(2, 1), nir_weight)
+    assert torch.allclose(stats["Loss/G/loss"][0], expected_loss)
+
+
+def test_path_length_phase_penalty_matches_the_summed_jacobian():
+    # Stub: vis = s*w0[:3], nir = t*w1[3]; the summed gradient per ws row is [s*n_vis, 0] and [0, t*n_nir].
+    G, stats = StubG(2.0, -1.0), {}
+    loss = _loss(G, LinearD(), LinearD(), stats, pl_weight=2.0, pl_batch_shrink=2, pl_decay=0.5)
+    z = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    torch.manual_seed(3)
+    loss.accumulate_gradients("Greg", REAL_VIS, REAL_NIR, None, z, None, gain=4)
+    torch.manual_seed(3)  # the same noise draws, in the same order (VIS then NIR)
+    n_vis, n_nir = torch.randn(2, 3, 1, 1), torch.randn(2, 1, 1, 1)  # 1x1 images: scale 1/sqrt(1)
+    # grad wrt ws row 0 = s * n_vis (dims 0-2), row 1 = t * n_nir (dim 3); mean over the 2 rows
+    lengths = ((2.0**2 * n_vis.view(2, 3).square().sum(1) + (-1.0) ** 2 * n_nir.view(2).square()) / 2).sqrt()
+    pl_mean = 0.5 * lengths.mean()  # lerp(0, mean, 0.5)
+    assert loss.pl_mean.item() == pytest.approx(pl_mean.item(), rel=1e-6)
+    assert torch.allclose(stats["Loss/pl_penalty"][0], (lengths - pl_mean).square(), rtol=1e-5)
+
+
+def test_style_mixing_switches_to_the_second_latent_after_the_cutoff():
+    G = Generator(GeneratorConfig(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, mapping_layers=1,
+                                  channel_base=64, channel_max=8, num_fp16_res=0))
+    loss = ArcBiFaceLoss(G, None, None, LossConfig(style_mixing_prob=1.0))
+    z = torch.randn(3, 8)
+    torch.manual_seed(1)
+    ws = G.mapping(z, None)
+    mixed = loss._mix_styles(ws, z, None)
+    torch.manual_seed(1)
+    cutoff = int(torch.randint(1, ws.shape[1], []))
+    torch.rand([])
+    other = G.mapping(torch.randn_like(z), None)
+    assert torch.equal(mixed[:, :cutoff], ws[:, :cutoff]) and torch.equal(mixed[:, cutoff:], other[:, cutoff:])
+
+
+def test_lambda_nir_is_linear_in_the_generator_gradient_of_the_real_networks():
+    """On the real G and D's: grad(λ) = grad_vis + λ grad_nir, and grad(0) is the VIS-only loss's."""
+    torch.manual_seed(0)
+    G = Generator(GeneratorConfig(z_dim=8, c_dim=4, w_dim=8, img_resolution=16, mapping_layers=1,
+                                  channel_base=64, channel_max=8, num_fp16_res=0))
+    D = Discriminator(DiscriminatorConfig(c_dim=4, img_resolution=16, channel_base=64, channel_max=8,
+                                          num_fp16_res=0, mapping_layers=1))
+    D_nir = Discriminator(DiscriminatorConfig(c_dim=0, img_channels=1, img_resolution=16, channel_base=64,
+                                              channel_max=8, num_fp16_res=0))
+    z, c = torch.randn(4, 8), torch.randn(4, 4)
+
+    def grads(weight, vis_only=False):
+        G.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        loss = ArcBiFaceLoss(G, D, D_nir if not vis_only else None, LossConfig(nir_loss_weight=weight))
+        loss.accumulate_gradients("Gmain", None, None, None, z, c, gain=1)
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in G.parameters()])
+
+    g0, g01, g1 = grads(0.0), grads(0.1), grads(1.0)
+    assert torch.allclose(g1 - g0, 10 * (g01 - g0), atol=1e-6, rtol=1e-4)
+    assert (g1 - g0).abs().max() > 1e-4  # the NIR term does reach G
+    # λ = 0 leaves exactly the VIS loss (the NIR heads get zero gradient)
+    assert torch.allclose(g0, grads(0.0, vis_only=True), atol=1e-7)
