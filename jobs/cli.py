@@ -32,16 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
             "from a laptop to a Ray cluster."
         ),
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    register_modules(parser.add_subparsers(dest="command", metavar="COMMAND"), "jobs.commands", COMMAND_MODULES)
+    return parser
+
+
+def register_modules(subparsers: argparse._SubParsersAction, package: str, names: list[str]) -> None:
+    """Let each `package.name` module add its parsers; a module that does not exist is skipped."""
+    for name in names:
         try:
-            module = importlib.import_module(f"jobs.commands.{name}")
+            module = importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as err:
-            if err.name == f"jobs.commands.{name}":
+            if err.name == f"{package}.{name}":
                 continue
             raise
-        module.register(sub)
-    return parser
+        module.register(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

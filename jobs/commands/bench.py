@@ -4,7 +4,6 @@ in the same run. One module per benchmark in `jobs/benchmarks/`, each exposing `
 from __future__ import annotations
 
 import argparse
-import importlib
 
 BENCHMARKS = ["models", "filter", "generate", "train", "scaling"]
 
@@ -17,13 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Benchmarks. Each prints absolute rates and the ratio to a baseline measured in the same run."
         ),
     )
-    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
-    for name in BENCHMARKS:
-        try:
-            module = importlib.import_module(f"jobs.benchmarks.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"jobs.benchmarks.{name}":
-                continue
-            raise
-        module.register(sub)
+    from jobs.cli import register_modules
+
+    register_modules(parser.add_subparsers(dest="benchmark", metavar="BENCHMARK"), "jobs.benchmarks", BENCHMARKS)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
