@@ -129,7 +129,8 @@ def list_snapshots(run: Storage) -> list[tuple[int, str]]:
         info = _complete(run, relative)
         if info is not None:
             found.append((int(info["cur_nimg"]), relative))
-    return sorted(found)
+    # Oldest first; at equal progress a restart checkpoint sorts after (wins over) a network snapshot.
+    return sorted(found, key=lambda item: (item[0], item[1].startswith(CHECKPOINT_DIR)))
 
 
 def latest_snapshot(run: Storage) -> str | None:
