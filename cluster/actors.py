@@ -1,0 +1,194 @@
+"""Generator actors and the pool that keeps them alive.
+
+A `GeneratorWorker` holds one loaded `Bundle` (generator, embedder, and a replica of the privacy index
+or a `RemoteIndex` over index-shard actors) and runs the engine's own units: `engine.phases.propose`
+for a block of identity slots and `engine.run.run_shard` for one shard (tar, manifest, marker are
+written by the engine). `GeneratorPool` owns the actors, replaces one that died (node lost, process
+killed) and says which failures are infrastructure (retry) and which are the job's own (stop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray import exceptions as rex
+
+from engine.phases import Identities, Proposals, propose
+from engine.run import load_bundle, run_shard
+from engine.spec import JobSpec
+from engine.storage import Storage
+from models.errors import UserError
+
+# Failures of the infrastructure, never of the job: the work is redone elsewhere.
+LOST = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
+        rex.OwnerDiedError, rex.ActorUnavailableError)
+
+
+def is_lost(err: BaseException) -> bool:
+    """True for a dead actor/worker/node, also when a generator saw it in an index-shard actor."""
+    if isinstance(err, LOST):
+        return True
+    return isinstance(err, rex.RayTaskError) and isinstance(getattr(err, "cause", None), LOST)
+
+
+def user_error_of(err: BaseException) -> UserError | None:
+    """The job's own UserError inside a Ray error (so the CLI prints one clean line and exits 2)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, UserError) else None
+
+
+class GeneratorWorker:
+    """One generator actor: the engine's propose / run_shard on a bundle loaded once."""
+
+    def __init__(self, spec: JobSpec, out: Storage, index: Any | None, num_threads: int):
+        torch.set_num_threads(max(1, num_threads))
+        self.out, self.error = out, None
+        self._identities_ref, self._identities = None, None
+        try:
+            bundle = load_bundle(spec, out)
+            # A RemoteIndex replaces the local replica; load_bundle already checked compatibility
+            # against the same index.json, without loading a single vector.
+            self.bundle = bundle if index is None else dataclasses.replace(bundle, index=index)
+        except UserError as err:  # reported by ready(), so the driver can stop before any work
+            self.error = err
+
+    def ready(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "pid": os.getpid(), "device": str(self.bundle.device),
+                "threads": torch.get_num_threads()}
+
+    def propose(self, slots) -> Proposals:
+        return propose(self.bundle, slots)
+
+    def run_shard(self, identities_box: list, shard_id: int) -> dict:
+        """`identities_box` is [ObjectRef]: boxed so Ray does not fetch the table for every shard."""
+        ref = identities_box[0]
+        if ref != self._identities_ref:
+            self._identities, self._identities_ref = ray.get(ref), ref
+        identities: Identities = self._identities
+        return run_shard(self.bundle, identities, self.out, shard_id)
+
+
+RemoteGeneratorWorker = ray.remote(GeneratorWorker)
+
+
+@dataclass
+class WorkerPlan:
+    """How many generator actors, with which resources."""
+
+    num_workers: int
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    threads: int = 1
+
+    def options(self) -> dict:
+        return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
+
+
+def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
+    """One actor per GPU (`num_gpus=1`); on CPU-only clusters (or run.device=cpu) one per CPU slot.
+
+    `run.num_workers` caps the count (GPU) or sets it (CPU, sharing the CPUs evenly).
+    """
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    wanted = spec.run.num_workers
+    if gpus and spec.run.device != "cpu":
+        return WorkerPlan(min(gpus, wanted or gpus), num_gpus=1.0, num_cpus=1.0 if cpus >= gpus * 2 else 0.0)
+    if spec.run.device == "cuda":
+        raise UserError("run.device: cuda requested but the Ray cluster has no GPU")
+    if cpus < 1:
+        raise UserError(f"the Ray cluster has {cpus:g} CPUs: no generator actor can be placed")
+    count = wanted or int(cpus)
+    per_actor = min(1.0, cpus / count)
+    return WorkerPlan(count, num_cpus=round(per_actor, 4), threads=max(1, int(cpus // count)))
+
+
+@dataclass
+class Slot:
+    """One place in the pool; `generation` counts replacements so a death is handled once."""
+
+    actor: Any
+    generation: int = 0
+    in_flight: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class GeneratorPool:
+    """The generator actors of a job; replaces dead ones (bounded by the callers' retry counts)."""
+
+    def __init__(self, factory: Callable[[], Any], size: int, on_event: Callable[[str, dict], None] | None = None):
+        self.factory = factory
+        self.slots = [Slot(factory()) for _ in range(size)]
+        self.on_event = on_event or (lambda kind, data: None)
+        self.replaced = 0
+
+    def wait_ready(self) -> list[dict]:
+        """Block until every actor loaded its bundle; a UserError in any of them stops the job here."""
+        infos = self._get([s.actor.ready.remote() for s in self.slots])
+        for i, (slot, info) in enumerate(zip(self.slots, infos)):
+            slot.info = info
+            self.on_event("actor_ready", {"slot": i, **info})
+        return infos
+
+    def submitted(self, index: int) -> tuple[int, int]:
+        """Count one more task on actor `index`; returns (index, generation) to hand back to `release`."""
+        self.slots[index].in_flight += 1
+        return index, self.slots[index].generation
+
+    def release(self, index: int, generation: int) -> None:
+        """A task of actor `index` ended; a replaced actor's tasks no longer count."""
+        slot = self.slots[index]
+        if slot.generation == generation:
+            slot.in_flight = max(0, slot.in_flight - 1)
+
+    def pick(self) -> int:
+        """The least busy actor (lowest index on ties)."""
+        return min(range(len(self.slots)), key=lambda i: (self.slots[i].in_flight, i))
+
+    def lost(self, index: int, generation: int, err: BaseException) -> None:
+        """An actor died: replace it unless a previous failure already did."""
+        slot = self.slots[index]
+        if slot.generation != generation:
+            return
+        self.on_event("actor_lost", {"slot": index, "error": f"{type(err).__name__}: {err}"[:500]})
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # already gone with its node
+            pass
+        self.slots[index] = Slot(self.factory(), generation=generation + 1)
+        self.replaced += 1
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:
+                pass
+
+    @staticmethod
+    def _get(refs: list) -> list:
+        try:
+            return ray.get(refs)
+        except Exception as err:
+            raise_user_error(err)
+            raise
+
+
+def raise_user_error(err: BaseException) -> None:
+    """Re-raise a UserError hidden inside a Ray error as itself (one clean CLI line, exit 2)."""
+    cause = user_error_of(err)
+    if cause is not None:
+        raise UserError(str(cause)) from None
+    if isinstance(err, rex.RayActorError):
+        # An actor that died while loading surfaces its constructor's exception in the message.
+        creation = getattr(err, "error_msg", "") or str(err)
+        if "UserError" in creation:
+            raise UserError(creation.rsplit("UserError:", 1)[-1].strip().splitlines()[0]) from None

@@ -1,0 +1,291 @@
+"""The Ray executor: the engine's units on generator actors, scheduled by one driver.
+
+Phases, in order (the same units as `engine.run.run_local`, only scheduled differently):
+1. `open_output` on the driver: the spec and its hash are written before anything else.
+2. Generator actors (one per GPU, or per CPU slot) load the bundle; the privacy index is either
+   replicated into each of them or held by index-shard actors (`cluster.remote_index`).
+3. Select: `engine.run.select_identities` on the driver, fed by `propose_many`, which keeps a bounded
+   number of proposal blocks in flight across the actors and yields them in block order.
+4. Expand: pending shards go to the actors (bounded in flight, `ray.wait`); a shard whose actor or
+   node died is retried on a replacement actor, at most `run.max_retries` times.
+5. `engine.summary.finalize` on the driver merges the markers into the report.
+
+Every candidate is a pure function of (seed, slot, attempt) and a shard is written by the engine's
+`run_shard`, so the output is byte-identical to the local executor's whatever the actors' placement,
+count, failures or retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from cluster.actors import (
+    GeneratorPool,
+    RemoteGeneratorWorker,
+    WorkerPlan,
+    is_lost,
+    plan_workers,
+    raise_user_error,
+)
+from cluster.remote_index import RemoteIndex
+from engine.bundle import resolve_device
+from engine.index.search import PrivacyIndex
+from engine.phases import Identities, Proposals
+from engine.run import COMPAT_INDEX_DIR, load_bundle, open_output, pending_shards, select_identities
+from engine.spec import JobSpec
+from engine.storage import Storage
+from engine.summary import finalize
+from models.errors import UserError
+
+log = logging.getLogger("facegen")
+
+PLACEMENTS = ("auto", "replicated", "sharded")
+# `auto` replicates the index into every generator actor while all replicas on one node take at most
+# this share of the node's memory and one replica at most REPLICATE_MAX_BYTES; otherwise it shards.
+REPLICATE_MEMORY_SHARE = 0.25
+REPLICATE_MAX_BYTES = 4 << 30
+IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: an actor never waits for the driver
+
+EventHook = Callable[[str, dict], None]
+
+
+def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, index_placement: str | None = None,
+            index_actors: int | None = None, on_event: EventHook | None = None) -> dict:
+    """Run a whole job on Ray; returns the report (`engine.summary.finalize`) plus an `executor` section.
+
+    `run.address` None starts an embedded local Ray (or joins the cluster of `RAY_ADDRESS`, as inside a
+    submitted job); an already initialised Ray in this process is used as it is.
+    `index_placement`: 'auto' | 'replicated' | 'sharded' (default: `run.index_placement` if the spec has
+    it, else 'auto'); `index_actors` caps the index-shard actors (default: one per index shard).
+    `on_event(kind, data)` sees actor and shard events (tests, dashboards).
+    """
+    started = time.monotonic()
+    out = open_output(spec, resume)
+    with ray_connection(spec.run.address):
+        plan = plan_workers(spec, ray.cluster_resources())
+        index = open_driver_index(spec, out, plan)
+        placement = choose_placement(spec, index, plan, index_placement)
+        remote = None
+        if placement == "sharded":
+            count = index_actors or getattr(spec.run, "index_actors", None) or index.num_shards
+            remote = RemoteIndex.start(index, count, max_restarts=spec.run.max_retries)
+        pool = GeneratorPool(lambda: RemoteGeneratorWorker.options(**plan.options()).remote(
+            spec, out, remote, plan.threads), plan.num_workers, on_event)
+        try:
+            infos = pool.wait_ready()
+            identities, selection = select_identities(spec, out, ProposeMany(pool, spec.run.max_retries), progress)
+            todo = pending_shards(spec, out, len(identities))
+            shards = ShardScheduler(pool, spec.run.max_retries, on_event).run(identities, todo, progress)
+        finally:
+            pool.shutdown()
+            if remote is not None:
+                remote.shutdown()
+        report = finalize(spec, out, identities, selection, index)
+    report["executor"] = {
+        "kind": "ray", "workers": plan.num_workers, "gpus_per_worker": plan.num_gpus,
+        "cpus_per_worker": plan.num_cpus, "nodes": len({i["node_id"] for i in infos}),
+        "index_placement": placement, "index_actors": remote.num_actors if remote else 0,
+        "actors_replaced": pool.replaced, **shards, "seconds": round(time.monotonic() - started, 3),
+    }
+    log.info("ray executor: %s", report["executor"])
+    return report
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None) -> Iterator[None]:
+    """Use this process's Ray if initialised; else join `address`; else start an embedded local Ray.
+
+    A cluster we joined is left at the end; an embedded Ray stays up for later jobs in this process
+    (Ray stops it at exit), since starting one costs seconds.
+    """
+    if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address not in ("auto", current) and not address.startswith("ray://"):
+            raise UserError(f"run.address {address}: this process is already connected to Ray at {current}")
+        yield
+        return
+    options = dict(log_to_driver=True, configure_logging=False)
+    if address:
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as err:
+            raise UserError(f"run.address {address}: no Ray cluster answers there ({err})") from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    ray.init(include_dashboard=False, **options)
+    yield
+
+
+def open_driver_index(spec: JobSpec, out: Storage, plan: WorkerPlan) -> PrivacyIndex:
+    """The index's metadata on the driver (index.json only; vectors load where they are searched).
+
+    Compat jobs enrol `index.features` into the dataset once, in one task on a worker, before any
+    generator actor opens it (several actors would otherwise race to enrol it).
+    """
+    options = dict(backend=spec.index.backend, device=resolve_device("cpu").type)
+    if spec.index.uri:
+        return PrivacyIndex.open(spec.index.uri, spec.index.storage_options, **options)
+    target = out.child(COMPAT_INDEX_DIR)
+    if not target.exists("index.json"):
+        enrol = ray.remote(_enrol_compat_index).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+        try:
+            ray.get(enrol.remote(spec, out))
+        except ray.exceptions.RayError as err:
+            raise_user_error(err)
+            raise
+    return PrivacyIndex.open(target, **options)
+
+
+def _enrol_compat_index(spec: JobSpec, out: Storage) -> None:
+    load_bundle(spec, out)  # enrols identity_features.json into out/privacy-index and checks the models
+
+
+def choose_placement(spec: JobSpec, index: PrivacyIndex, plan: WorkerPlan, requested: str | None) -> str:
+    """'replicated' or 'sharded' (see REPLICATE_MEMORY_SHARE); an explicit choice wins."""
+    choice = requested or getattr(spec.run, "index_placement", None) or "auto"
+    if choice not in PLACEMENTS:
+        raise UserError(f"index placement: must be one of {', '.join(PLACEMENTS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    vector_bytes = index.count * index.dim * 4
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    node_memory = min((n["Resources"].get("memory", 0) for n in nodes), default=0) or float("inf")
+    per_node = max(1, -(-plan.num_workers // max(1, len(nodes))))
+    fits = vector_bytes <= REPLICATE_MAX_BYTES and vector_bytes * per_node <= REPLICATE_MEMORY_SHARE * node_memory
+    return "replicated" if fits else "sharded"
+
+
+class ProposeMany:
+    """`select_identities`' producer: blocks computed ahead on every actor, yielded in block order."""
+
+    def __init__(self, pool: GeneratorPool, max_retries: int):
+        self.pool, self.max_retries = pool, max_retries
+
+    def __call__(self, blocks: Iterator[np.ndarray]) -> Iterator[Proposals]:
+        pool, blocks = self.pool, iter(blocks)
+        pending: deque[list] = deque()  # [block, ref, slot index, generation, failures]
+        limit = IN_FLIGHT_PER_ACTOR * len(pool.slots)
+
+        def submit(entry: list) -> None:
+            i = pool.pick()
+            entry[1:4] = [pool.slots[i].actor.propose.remote(entry[0]), *pool.submitted(i)]
+
+        def refill() -> None:
+            while len(pending) < limit:
+                block = next(blocks, None)
+                if block is None:
+                    return
+                pending.append([block, None, -1, -1, 0])
+                submit(pending[-1])
+
+        try:
+            refill()
+            while pending:
+                entry = pending[0]
+                try:
+                    result = ray.get(entry[1])
+                except Exception as err:
+                    self._failed(entry, err, pending, submit)
+                    continue
+                pending.popleft()
+                pool.release(entry[2], entry[3])
+                refill()
+                yield result
+        finally:  # closed early (selection done): drop what is still queued
+            for entry in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(entry[1])
+                pool.release(entry[2], entry[3])
+
+    def _failed(self, entry: list, err: Exception, pending: deque, submit: Callable) -> None:
+        if not is_lost(err):
+            raise_user_error(err)
+            raise err
+        dead, generation = entry[2], entry[3]
+        self.pool.lost(dead, generation, err)
+        # Every block that was on the dead actor goes to a live one now, keeping the order of `pending`.
+        for other in pending:
+            if other[2] == dead and other[3] == generation:
+                other[4] += 1
+                if other[4] > self.max_retries:
+                    raise RuntimeError(f"proposal block at slot {int(other[0][0])} failed {other[4]} times; "
+                                       f"last error: {err}") from err
+                submit(other)
+
+
+class ShardScheduler:
+    """Phase 3 on the pool: bounded in-flight shards, retries after infrastructure failures."""
+
+    def __init__(self, pool: GeneratorPool, max_retries: int, on_event: EventHook | None = None):
+        self.pool, self.max_retries = pool, max_retries
+        self.on_event = on_event or (lambda kind, data: None)
+
+    def run(self, identities: Identities, todo: list[int], progress: bool) -> dict:
+        box = [ray.put(identities)]
+        queue = deque((shard_id, 0) for shard_id in todo)
+        in_flight: dict = {}  # ref -> (shard_id, slot index, generation, failures)
+        totals = {"shards_run": 0, "shard_retries": 0, "samples": 0, "attempts": 0}
+        with tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress) as bar:
+            self._fill(queue, in_flight, box)
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                shard_id, slot, generation, failures = in_flight.pop(ready[0])
+                self.pool.release(slot, generation)
+                try:
+                    marker = ray.get(ready[0])
+                except Exception as err:
+                    self._retry(err, shard_id, slot, generation, failures, queue)
+                    totals["shard_retries"] += 1
+                else:
+                    self._done(marker, shard_id, totals, bar)
+                self._fill(queue, in_flight, box)
+        return totals
+
+    def _fill(self, queue: deque, in_flight: dict, box: list) -> None:
+        pool = self.pool
+        while queue and pool.slots[pool.pick()].in_flight < IN_FLIGHT_PER_ACTOR:
+            shard_id, failures = queue.popleft()
+            i = pool.pick()
+            ref = pool.slots[i].actor.run_shard.remote(box, shard_id)
+            in_flight[ref] = (shard_id, *pool.submitted(i), failures)
+            self.on_event("shard_submitted", {"shard": shard_id, "slot": i, "pid": pool.slots[i].info.get("pid")})
+
+    def _retry(self, err: Exception, shard_id: int, slot: int, generation: int, failures: int,
+               queue: deque) -> None:
+        if not is_lost(err):
+            raise_user_error(err)
+            raise err
+        failures += 1
+        self.on_event("shard_retry", {"shard": shard_id, "failures": failures, "error": type(err).__name__})
+        if failures > self.max_retries:
+            raise RuntimeError(f"shard {shard_id} failed {failures} times (run.max_retries="
+                               f"{self.max_retries}); last error: {err}") from err
+        log.warning("shard %d: worker lost (%s); retrying (%d/%d)", shard_id, type(err).__name__,
+                    failures, self.max_retries)
+        if self.pool.slots[slot].generation == generation:
+            self.pool.lost(slot, generation, err)
+        queue.appendleft((shard_id, failures))
+
+    def _done(self, marker: dict, shard_id: int, totals: dict, bar: tqdm) -> None:
+        if marker.get("shard_id") != shard_id:
+            raise RuntimeError(f"shard {shard_id}: the worker returned the marker of shard {marker.get('shard_id')}")
+        stats = marker.get("stats", {})
+        totals["shards_run"] += 1
+        totals["samples"] += int(marker.get("num_samples", 0))
+        totals["attempts"] += int(stats.get("attempts", 0))
+        elapsed = bar.format_dict.get("elapsed") or 0.0
+        bar.set_postfix(samples=totals["samples"], cand_per_s=f"{totals['attempts'] / max(elapsed, 1e-9):.1f}",
+                        refresh=False)
+        bar.update(1)
+        self.on_event("shard_done", {"shard": shard_id, "samples": marker.get("num_samples")})
