@@ -227,3 +227,20 @@ def test_cli_with_a_native_tiny_iresnet(tmp_path, capsys):
     (data / "NIR" / "2_1.png").unlink()
     assert main(["features", str(data), "--embedder", str(model)]) == 2
     assert "1 missing in NIR/: 2_1.png" in capsys.readouterr().err
+
+
+def test_onnx_embedder_raw_features_equal_torch(tmp_path, embedder):
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    from models.embedder import OnnxEmbedder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(embedder.module, (torch.zeros(1, 3, SIZE, SIZE),), str(tmp_path / "e.onnx"),
+                          dynamo=False, input_names=["image"], output_names=["embedding"],
+                          dynamic_axes={"image": {0: "n"}, "embedding": {0: "n"}})
+    onnx_embedder = OnnxEmbedder(str(tmp_path / "e.onnx"), embedder.preprocessing)
+    images = torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8)
+    torch.testing.assert_close(raw_features(onnx_embedder, images), raw_features(embedder, images),
+                               atol=1e-4, rtol=1e-4)
