@@ -8,12 +8,13 @@ from the PNG on disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from engine.index.search import PrivacyIndex
+from engine.quality import Gate, no_gate
 from engine.seeding import Stream, draw_keys, normal
 from engine.spec import JobSpec
 from models.embedder import FaceEmbedder
@@ -41,6 +42,7 @@ class Bundle:
     index: PrivacyIndex
     device: torch.device
     spec: JobSpec
+    gate: Gate = field(default=no_gate)
 
     @property
     def c_dim(self) -> int:

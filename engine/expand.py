@@ -19,7 +19,6 @@ import torch
 
 from engine.bundle import Bundle
 from engine.phases import ExpandedShard, Identities
-from engine.quality import quality_gate
 from engine.seeding import Stream, draw_keys
 
 
@@ -30,7 +29,6 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
     all_anchors = torch.from_numpy(identities.anchor).to(device)
     own_anchor = all_anchors[torch.from_numpy(labels).to(device)]
     state = _ShardState(len(labels), K, identities.anchor.shape[1], device)
-    gate = quality_gate(limits.quality_gate)
 
     while True:
         # Phase a: the next attempts of every open identity, enough to fill about one batch.
@@ -57,7 +55,7 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
             others.max(dim=1).values.cpu().numpy() if len(all_anchors) > 1 else np.full(len(owner), -1.0)
         )
         reason = np.full(len(owner), "", dtype=object)
-        reason[~gate(found.vis)] = "quality"
+        reason[~bundle.gate(found.vis)] = "quality"
         reason[anchor_sim < limits.same_threshold] = "same"
         reason[separability_sim > spec.privacy.separability] = "separability"
         reason[found.real_sim > spec.privacy.threshold] = "privacy"

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.index.sources import IMAGE_EXTENSIONS, decode_image
+from engine.index.sources import IMAGE_EXTENSIONS, decode_image, embed_image_batch
 from engine.storage import Storage
-from models.embedder import FaceEmbedder, TorchEmbedder, preprocess
+from models.embedder import FaceEmbedder
 from models.errors import UserError
 
 FEATURES_FILE = "identity_features.json"
@@ -121,32 +121,13 @@ def list_pairs(storage: Storage, *, require_nir: bool) -> PairedFiles:
 
 # ------------------------------------------------------------------------------- embedding
 def raw_features(embedder: FaceEmbedder, images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW images -> the embedder network's output before L2 normalisation, float32 [N, dim].
-
-    A TorchEmbedder runs its module on `preprocess(images)` (under its autocast setting, as `embed`
-    does); other backends go through `_forward`, the base class's documented raw-feature hook.
-    """
-    x = preprocess(images.to(embedder.device), embedder.preprocessing)
-    with torch.no_grad():
-        if isinstance(embedder, TorchEmbedder):
-            dtype, device_type = embedder.autocast_dtype, embedder.device.type
-            with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = embedder.module(x)
-        else:
-            out = embedder._forward(x)
-    return out.float()
+    """uint8 NCHW images -> the embedder network's output before L2 normalisation, float32 [N, dim]."""
+    return embedder.raw_features(images)
 
 
 def _embed_decoded(images: list[np.ndarray], embedder: FaceEmbedder) -> np.ndarray:
     """Raw features of CHW uint8 images, one embedder call per distinct image size in the batch."""
-    out = np.empty((len(images), embedder.dim), np.float32)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_shape.setdefault(image.shape, []).append(i)
-    for positions in by_shape.values():
-        batch = torch.from_numpy(np.stack([images[i] for i in positions]))
-        out[positions] = raw_features(embedder, batch).cpu().numpy()
-    return out
+    return embed_image_batch(images, embedder.raw_features)
 
 
 def embed_files(storage: Storage, relatives: list[str], embedder: FaceEmbedder, *, batch_size: int = 64,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.bundle import Bundle
-from engine.quality import quality_gate
 from engine.seeding import Stream, draw_keys, random_directions
 
 # Rejection reasons, in the order they are checked: a candidate counts under the first it fails.
@@ -48,7 +47,7 @@ def propose(bundle: Bundle, slots: np.ndarray) -> Proposals:
     conditions = conditions_for(bundle, slots)
     found = bundle.evaluate(conditions, draw_keys(spec.seed, Stream.LATENT, slots, 0))
     verdict = np.full(len(slots), "ok", dtype=object)
-    verdict[~quality_gate(spec.filter.quality_gate)(found.vis)] = "quality"
+    verdict[~bundle.gate(found.vis)] = "quality"
     verdict[found.real_sim > spec.privacy.threshold] = "privacy"
     verdict[~np.isfinite(found.real_sim)] = "invalid"
     return Proposals(

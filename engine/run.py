@@ -21,10 +21,11 @@ from engine.identities import IDENTITIES_FILE, read_identities, write_identities
 from engine.index.search import PrivacyIndex
 from engine.manifest import completed_shards, is_complete, remove_incomplete
 from engine.phases import Identities, Proposals, Selection, propose
+from engine.quality import make_quality_gate
 from engine.shards import ShardBatch, write_shard
 from engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
 from engine.storage import Storage
-from models.errors import UserError
+from models.errors import JobFailed, UserError
 
 log = logging.getLogger("facegen")
 
@@ -62,7 +63,9 @@ def load_bundle(spec: JobSpec, out: Storage | None = None) -> Bundle:
     embedder = load_embedder(spec.embedder.path, **spec.embedder.preprocessing).to(device)
     index = open_index(spec, embedder, out)
     check_compatible(generator, embedder, index)
-    return Bundle(generator, embedder, index, device, spec)
+    limits = spec.filter
+    gate = make_quality_gate(limits.quality_gate, limits.face_detector, limits.min_face_score)
+    return Bundle(generator, embedder, index, device, spec, gate)
 
 
 def open_index(spec: JobSpec, embedder: Any, out: Storage | None) -> PrivacyIndex:
@@ -115,7 +118,8 @@ def select_identities(spec: JobSpec, out: Storage, propose_many: ProposeMany,
         close()  # stop a parallel producer from computing further blocks
     stats = selection_stats(selection, spec)
     if selection.accepted == 0:
-        raise RuntimeError(f"no identity passed the filters in {spec.max_slots} proposals: {stats['verdicts']}")
+        raise JobFailed(f"no identity passed the filters in {stats['proposed']} proposals "
+                        f"(verdicts {stats['verdicts']}); loosen the thresholds or raise filter.max_slots")
     identities = Identities.from_selection(selection)
     write_identities(out, identities, stats)
     return identities, stats

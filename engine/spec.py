@@ -84,7 +84,9 @@ class FilterSpec(_Section):
     diversity_threshold: float = Field(0.853, description="max cosine between samples of one identity")
     max_attempts: int = Field(2500, ge=1, description="candidates tried per identity before giving up")
     max_slots: int | None = Field(None, ge=1, description="identity proposals tried (default 20 × ids)")
-    quality_gate: Literal["none"] = "none"
+    quality_gate: Literal["none", "frontal"] = Field("none", description="'frontal': YuNet landmarks")
+    face_detector: str | None = Field(None, description="YuNet ONNX file for the 'frontal' gate")
+    min_face_score: float = Field(0.9, description="YuNet score a face must reach (frontal gate)")
 
     _check = field_validator("same_threshold", "diversity_threshold")(_unit_interval)
 

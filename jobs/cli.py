@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from models.errors import UserError
+from models.errors import JobFailed, UserError
 
 # Sub-command modules, in the order `facegen --help` lists them. A module that is missing (a feature
 # not installed yet) is skipped rather than breaking the whole CLI.
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"facegen: error: {err}", file=sys.stderr)
         return 2
+    except JobFailed as err:
+        print(f"facegen: failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

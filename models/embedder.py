@@ -154,8 +154,19 @@ class FaceEmbedder(ABC):
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _embed_chunk(self, images: torch.Tensor) -> torch.Tensor:
-        features = self._forward(preprocess(images, self.preprocessing)).float()
-        return F.normalize(features, dim=1)
+        return F.normalize(self._raw_chunk(images), dim=1)
+
+    def _raw_chunk(self, images: torch.Tensor) -> torch.Tensor:
+        return self._forward(preprocess(images, self.preprocessing)).float()
+
+    def raw_features(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Like `embed` without the final L2 normalisation: the network's own output, float32 [N, dim].
+
+        The original's identity_features.json stores these (the generator's embed layer normalises)."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        with torch.no_grad():
+            return self._raw_chunk(images.to(self.device, non_blocking=True))
 
 
 def state_dict_chunks(module: nn.Module) -> Iterator[bytes | memoryview]:

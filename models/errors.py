@@ -12,3 +12,7 @@ class UserError(Exception):
 
 class UnsafeCheckpointError(UserError):
     """A checkpoint asked for something we refuse to do (a global outside the allow-list, ...)."""
+
+
+class JobFailed(Exception):
+    """A job ran but could not produce its result (e.g. no candidate passed the filters)."""

