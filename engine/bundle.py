@@ -8,14 +8,17 @@ from the PNG on disk.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from engine.index.search import PrivacyIndex
 from engine.quality import Gate, no_gate
 from engine.seeding import Stream, draw_keys, normal
+from engine.shards import encode_image
 from engine.spec import JobSpec
 from models.embedder import FaceEmbedder
 from models.errors import UserError
@@ -86,7 +89,12 @@ class Bundle:
 
     def _evaluate_batch(self, conditions: np.ndarray, latent_keys: np.ndarray) -> Candidates:
         vis, nir = self.render(conditions, latent_keys)
-        embedding = self.embedder.embed(vis).to(self.device, torch.float32)
+        output, seen = self.spec.output, vis
+        if output.image_format != "png":
+            # Certify the pixels a reader will decode, not the ones before lossy compression; the shard
+            # encodes `vis` with the same deterministic encoder, so it decodes to exactly `seen`.
+            seen = lossy_round_trip(vis, output.image_format, output.jpeg_quality)
+        embedding = self.embedder.embed(seen).to(self.device, torch.float32)
         sims, rows = self.index.max_similarity(embedding)
         sims, rows = np.asarray(sims, np.float32), np.asarray(rows, np.int64)
         if self.spec.privacy.check_nir and nir is not None:
@@ -104,6 +112,16 @@ class Bundle:
             real_sim=sims,
             real_row=rows,
         )
+
+
+def lossy_round_trip(images: torch.Tensor, image_format: str, quality: int) -> torch.Tensor:
+    """uint8 NCHW RGB -> the same images after encoding as written and decoding again.
+
+    The encoder is deterministic, so the shard later holds exactly these pixels."""
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+    decoded = [np.asarray(Image.open(io.BytesIO(encode_image(a, image_format, quality=quality))).convert("RGB"))
+               for a in arrays]
+    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(images.device)
 
 
 def _concat(parts: list[Candidates]) -> Candidates:

@@ -269,3 +269,18 @@ def test_frontal_gate_without_faces_fails_cleanly(job, tmp_path, capsys):
     assert "no identity passed the filters in 64 proposals" in err
     verdicts = ast.literal_eval(err[err.index("{"):err.index("}") + 1])
     assert sum(verdicts.values()) == 64 and "ok" not in verdicts and verdicts["quality"] > 32
+
+
+def test_lossy_output_is_certified_on_the_decoded_pixels(job, tmp_path, capsys):
+    """With JPEG shards, the certificate must hold for what a reader decodes, not the raw render."""
+    folder, out = Path(job).parent, tmp_path / "jpeg"
+    assert main(["generate", job, "--out", str(out), "--set", "output.image_format=jpg",
+                 "--set", "output.jpeg_quality=60", "--set", "identities=2"]) == 0
+    capsys.readouterr()
+    assert main(["audit", str(out), "--index", str(folder / "index"), "--embedder", str(folder / "E.safetensors"),
+                 "--json", "--out", str(tmp_path / "audit.parquet")]) == 0
+    audit = pq.read_table(tmp_path / "audit.parquet").to_pylist()
+    manifest = pq.read_table(sorted((out / "manifest").iterdir())).to_pylist()
+    assert [a["key"] for a in audit] == [m["key"] for m in manifest]
+    for a, m in zip(audit, manifest):
+        assert a["vis_max_sim"] == pytest.approx(m["privacy_max_sim"], abs=1e-5)
