@@ -29,6 +29,12 @@ from models.errors import UserError
 LOST = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
         rex.OwnerDiedError, rex.ActorUnavailableError)
 
+# PyTorch picks another CPU kernel for 1x1 convolutions of small batches when it runs single-threaded
+# (ATen's `use_mkldnn` heuristic tests `get_num_threads() > 1`), which flips the last bit of a few
+# pixels. Measured here: 2, 3, 4 and 8 threads give identical bytes, 1 thread does not. So an actor
+# never computes single-threaded, and its output equals a (multi-threaded) local run's.
+MIN_TORCH_THREADS = 2
+
 
 def is_lost(err: BaseException) -> bool:
     """True for a dead actor/worker/node, also when a generator saw it in an index-shard actor."""
@@ -47,7 +53,7 @@ class GeneratorWorker:
     """One generator actor: the engine's propose / run_shard on a bundle loaded once."""
 
     def __init__(self, spec: JobSpec, out: Storage, index: Any | None, num_threads: int):
-        torch.set_num_threads(max(1, num_threads))
+        torch.set_num_threads(max(MIN_TORCH_THREADS, num_threads))
         self.out, self.error = out, None
         self._identities_ref, self._identities = None, None
         try:
@@ -87,7 +93,7 @@ class WorkerPlan:
     num_workers: int
     num_gpus: float = 0.0
     num_cpus: float = 1.0
-    threads: int = 1
+    threads: int = MIN_TORCH_THREADS
 
     def options(self) -> dict:
         return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
@@ -108,7 +114,7 @@ def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
         raise UserError(f"the Ray cluster has {cpus:g} CPUs: no generator actor can be placed")
     count = wanted or int(cpus)
     per_actor = min(1.0, cpus / count)
-    return WorkerPlan(count, num_cpus=round(per_actor, 4), threads=max(1, int(cpus // count)))
+    return WorkerPlan(count, num_cpus=round(per_actor, 4), threads=max(MIN_TORCH_THREADS, int(cpus // count)))
 
 
 @dataclass
@@ -125,18 +131,24 @@ class GeneratorPool:
     """The generator actors of a job; replaces dead ones (bounded by the callers' retry counts)."""
 
     def __init__(self, factory: Callable[[], Any], size: int, on_event: Callable[[str, dict], None] | None = None):
-        self.factory = factory
-        self.slots = [Slot(factory()) for _ in range(size)]
+        self.factory, self.size = factory, size
+        self.slots: list[Slot] = []
         self.on_event = on_event or (lambda kind, data: None)
         self.replaced = 0
+        self.nodes: set[str] = set()
 
-    def wait_ready(self) -> list[dict]:
-        """Block until every actor loaded its bundle; a UserError in any of them stops the job here."""
+    def start(self) -> GeneratorPool:
+        """Create the actors (once) and block until every one loaded its bundle; a UserError in any of
+        them stops the job here. Lazy, so a resume with nothing left to do starts no actor."""
+        if self.slots:
+            return self
+        self.slots = [Slot(self.factory()) for _ in range(self.size)]
         infos = self._get([s.actor.ready.remote() for s in self.slots])
         for i, (slot, info) in enumerate(zip(self.slots, infos)):
             slot.info = info
+            self.nodes.add(info["node_id"])
             self.on_event("actor_ready", {"slot": i, **info})
-        return infos
+        return self
 
     def submitted(self, index: int) -> tuple[int, int]:
         """Count one more task on actor `index`; returns (index, generation) to hand back to `release`."""

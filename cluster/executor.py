@@ -72,28 +72,33 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, index
     with ray_connection(spec.run.address):
         plan = plan_workers(spec, ray.cluster_resources())
         index = open_driver_index(spec, out, plan)
-        placement = choose_placement(spec, index, plan, index_placement)
-        remote = None
-        if placement == "sharded":
-            count = index_actors or getattr(spec.run, "index_actors", None) or index.num_shards
-            remote = RemoteIndex.start(index, count, max_restarts=spec.run.max_retries)
-        pool = GeneratorPool(lambda: RemoteGeneratorWorker.options(**plan.options()).remote(
-            spec, out, remote, plan.threads), plan.num_workers, on_event)
+        requested = index_placement or getattr(spec.run, "index_placement", None) or "auto"
+        placement = choose_placement(requested, index.count * index.dim * 4, plan.num_workers, worker_node_memory())
+        remote: list[RemoteIndex] = []  # started with the first generator actor, if sharded
+
+        def new_actor():
+            if placement == "sharded" and not remote:
+                count = index_actors or getattr(spec.run, "index_actors", None) or index.num_shards
+                remote.append(RemoteIndex.start(index, count, max_restarts=spec.run.max_retries))
+            return RemoteGeneratorWorker.options(**plan.options()).remote(
+                spec, out, remote[0] if remote else None, plan.threads)
+
+        pool = GeneratorPool(new_actor, plan.num_workers, on_event)
+        proposer = ProposeMany(pool, spec.run.max_retries)
         try:
-            infos = pool.wait_ready()
-            identities, selection = select_identities(spec, out, ProposeMany(pool, spec.run.max_retries), progress)
+            identities, selection = select_identities(spec, out, proposer, progress)
             todo = pending_shards(spec, out, len(identities))
             shards = ShardScheduler(pool, spec.run.max_retries, on_event).run(identities, todo, progress)
         finally:
             pool.shutdown()
-            if remote is not None:
-                remote.shutdown()
+            for r in remote:
+                r.shutdown()
         report = finalize(spec, out, identities, selection, index)
     report["executor"] = {
-        "kind": "ray", "workers": plan.num_workers, "gpus_per_worker": plan.num_gpus,
-        "cpus_per_worker": plan.num_cpus, "nodes": len({i["node_id"] for i in infos}),
-        "index_placement": placement, "index_actors": remote.num_actors if remote else 0,
-        "actors_replaced": pool.replaced, **shards, "seconds": round(time.monotonic() - started, 3),
+        "kind": "ray", "workers": len(pool.slots), "gpus_per_worker": plan.num_gpus,
+        "cpus_per_worker": plan.num_cpus, "nodes": len(pool.nodes), "index_placement": placement,
+        "index_actors": remote[0].num_actors if remote else 0, "actors_replaced": pool.replaced,
+        "proposal_retries": proposer.retries, **shards, "seconds": round(time.monotonic() - started, 3),
     }
     log.info("ray executor: %s", report["executor"])
     return report
@@ -151,19 +156,25 @@ def _enrol_compat_index(spec: JobSpec, out: Storage) -> None:
     load_bundle(spec, out)  # enrols identity_features.json into out/privacy-index and checks the models
 
 
-def choose_placement(spec: JobSpec, index: PrivacyIndex, plan: WorkerPlan, requested: str | None) -> str:
-    """'replicated' or 'sharded' (see REPLICATE_MEMORY_SHARE); an explicit choice wins."""
-    choice = requested or getattr(spec.run, "index_placement", None) or "auto"
-    if choice not in PLACEMENTS:
-        raise UserError(f"index placement: must be one of {', '.join(PLACEMENTS)}, got {choice!r}")
-    if choice != "auto":
-        return choice
-    vector_bytes = index.count * index.dim * 4
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    node_memory = min((n["Resources"].get("memory", 0) for n in nodes), default=0) or float("inf")
-    per_node = max(1, -(-plan.num_workers // max(1, len(nodes))))
-    fits = vector_bytes <= REPLICATE_MAX_BYTES and vector_bytes * per_node <= REPLICATE_MEMORY_SHARE * node_memory
+def choose_placement(requested: str, vector_bytes: int, num_workers: int, node_memory: list[float]) -> str:
+    """'replicated' or 'sharded'. An explicit choice wins; 'auto' replicates while one replica takes at
+    most REPLICATE_MAX_BYTES and the replicas on one node (workers spread evenly over the nodes) at
+    most REPLICATE_MEMORY_SHARE of the smallest node's memory (Ray's `memory` resource)."""
+    if requested not in PLACEMENTS:
+        raise UserError(f"index placement: must be one of {', '.join(PLACEMENTS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    per_node = -(-num_workers // max(1, len(node_memory)))
+    smallest = min(node_memory, default=0.0) or float("inf")
+    fits = vector_bytes <= REPLICATE_MAX_BYTES and vector_bytes * per_node <= REPLICATE_MEMORY_SHARE * smallest
     return "replicated" if fits else "sharded"
+
+
+def worker_node_memory() -> list[float]:
+    """Ray's `memory` resource of every live node that can host a generator actor."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    hosts = [n for n in nodes if n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0)] or nodes
+    return [float(n["Resources"].get("memory", 0)) for n in hosts]
 
 
 class ProposeMany:
@@ -171,9 +182,10 @@ class ProposeMany:
 
     def __init__(self, pool: GeneratorPool, max_retries: int):
         self.pool, self.max_retries = pool, max_retries
+        self.retries = 0
 
     def __call__(self, blocks: Iterator[np.ndarray]) -> Iterator[Proposals]:
-        pool, blocks = self.pool, iter(blocks)
+        pool, blocks = self.pool.start(), iter(blocks)
         pending: deque[list] = deque()  # [block, ref, slot index, generation, failures]
         limit = IN_FLIGHT_PER_ACTOR * len(pool.slots)
 
@@ -218,6 +230,7 @@ class ProposeMany:
         for other in pending:
             if other[2] == dead and other[3] == generation:
                 other[4] += 1
+                self.retries += 1
                 if other[4] > self.max_retries:
                     raise RuntimeError(f"proposal block at slot {int(other[0][0])} failed {other[4]} times; "
                                        f"last error: {err}") from err
@@ -232,6 +245,9 @@ class ShardScheduler:
         self.on_event = on_event or (lambda kind, data: None)
 
     def run(self, identities: Identities, todo: list[int], progress: bool) -> dict:
+        if not todo:
+            return {"shards_run": 0, "shard_retries": 0, "samples": 0, "attempts": 0}
+        self.pool.start()
         box = [ray.put(identities)]
         queue = deque((shard_id, 0) for shard_id in todo)
         in_flight: dict = {}  # ref -> (shard_id, slot index, generation, failures)
@@ -248,7 +264,7 @@ class ShardScheduler:
                     self._retry(err, shard_id, slot, generation, failures, queue)
                     totals["shard_retries"] += 1
                 else:
-                    self._done(marker, shard_id, totals, bar)
+                    self._done(marker, shard_id, slot, totals, bar)
                 self._fill(queue, in_flight, box)
         return totals
 
@@ -277,7 +293,7 @@ class ShardScheduler:
             self.pool.lost(slot, generation, err)
         queue.appendleft((shard_id, failures))
 
-    def _done(self, marker: dict, shard_id: int, totals: dict, bar: tqdm) -> None:
+    def _done(self, marker: dict, shard_id: int, slot: int, totals: dict, bar: tqdm) -> None:
         if marker.get("shard_id") != shard_id:
             raise RuntimeError(f"shard {shard_id}: the worker returned the marker of shard {marker.get('shard_id')}")
         stats = marker.get("stats", {})
@@ -288,4 +304,5 @@ class ShardScheduler:
         bar.set_postfix(samples=totals["samples"], cand_per_s=f"{totals['attempts'] / max(elapsed, 1e-9):.1f}",
                         refresh=False)
         bar.update(1)
-        self.on_event("shard_done", {"shard": shard_id, "samples": marker.get("num_samples")})
+        self.on_event("shard_done", {"shard": shard_id, "slot": slot, "pid": self.pool.slots[slot].info.get("pid"),
+                                     "samples": marker.get("num_samples")})

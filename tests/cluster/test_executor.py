@@ -1,0 +1,135 @@
+"""The Ray executor writes the local executor's bytes, also when generator actors die mid-job."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from ray import exceptions as rex
+
+from cluster.actors import WorkerPlan, is_lost, plan_workers
+from cluster.executor import choose_placement, run_ray
+from engine.spec import build_spec, load_spec_file
+from jobs.cli import main
+from models.errors import UserError
+from tests.cluster.outputs import assert_same_dataset
+
+pytestmark = pytest.mark.ray
+
+
+def spec_for(job: str, out: Path, *overrides: str):
+    return build_spec(load_spec_file(job), [f"output.uri={out}", "run.executor=ray", *overrides])
+
+
+class Killer:
+    """Kills generator actors for real (SIGKILL of the actor's process), as an OOM killer or a crash would:
+    one right after start-up (during the proposals), one while it is running a shard."""
+
+    def __init__(self):
+        self.pids: dict[int, int] = {}
+        self.killed: list[tuple[str, int]] = []
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind == "actor_ready":
+            self.pids[data["slot"]] = data["pid"]
+            if data["slot"] == 0:
+                self.kill("select", data["pid"])
+        elif kind == "shard_done" and len(self.killed) == 1:
+            # The actor that finished a shard is already running the next one it had queued.
+            pid = data["pid"] or next(p for p in self.pids.values() if (p, "select") not in self.killed)
+            self.kill("expand", pid)
+
+    def kill(self, phase: str, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        self.killed.append((phase, pid))
+
+
+@pytest.mark.slow
+def test_sharded_index_and_killed_generators_give_the_local_bytes(ray_session, tiny_job, reference, tmp_path):
+    killer = Killer()
+    report = run_ray(spec_for(tiny_job, tmp_path / "ray"), progress=False, index_placement="sharded",
+                     index_actors=2, on_event=killer)
+    assert [phase for phase, _ in killer.killed] == ["select", "expand"]
+    executor = report.pop("executor")
+    assert executor["index_placement"] == "sharded" and executor["index_actors"] == 2
+    assert executor["actors_replaced"] == 2
+    assert executor["proposal_retries"] >= 1 and executor["shard_retries"] >= 1
+    assert executor["shards_run"] == 12 and executor["samples"] == 24
+    assert_same_dataset(tmp_path / "ray", reference)
+    assert report == json.loads((reference / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_replicated_run_then_resume(ray_session, tiny_job, reference, tmp_path):
+    spec = spec_for(tiny_job, tmp_path / "ray")
+    report = run_ray(spec, progress=False, index_placement="replicated")
+    assert report["executor"]["index_placement"] == "replicated" and report["executor"]["index_actors"] == 0
+    assert report["executor"]["actors_replaced"] == 0 and report["executor"]["shards_run"] == 12
+    assert_same_dataset(tmp_path / "ray", reference)
+    # A resume with nothing left to do starts no actor at all.
+    nothing = run_ray(spec, resume=True, progress=False)
+    assert nothing["executor"]["shards_run"] == 0 and nothing["executor"]["workers"] == 0
+
+
+def test_user_error_in_an_actor_is_one_clean_line(ray_session, tiny_job, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["generate", tiny_job, "--out", str(out), "--executor", "ray",
+                 "--generator", "/nonexistent/G.safetensors"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "/nonexistent/G.safetensors" in err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(out)) == ["job.sha256", "job.yaml"]
+
+
+@pytest.mark.parametrize(
+    "resources, overrides, expected",
+    [
+        ({"CPU": 2.0}, [], WorkerPlan(2, num_cpus=1.0, threads=2)),
+        ({"CPU": 8.0}, ["run.num_workers=2"], WorkerPlan(2, num_cpus=1.0, threads=4)),
+        ({"CPU": 2.0}, ["run.num_workers=4"], WorkerPlan(4, num_cpus=0.5, threads=2)),
+        ({"CPU": 64.0, "GPU": 8.0}, [], WorkerPlan(8, num_gpus=1.0, num_cpus=1.0)),
+        ({"CPU": 8.0, "GPU": 8.0}, ["run.num_workers=3"], WorkerPlan(3, num_gpus=1.0, num_cpus=0.0)),
+        ({"CPU": 4.0, "GPU": 2.0}, ["run.device=cpu"], WorkerPlan(4, num_cpus=1.0, threads=2)),
+    ],
+)
+def test_worker_plan(tiny_job, resources, overrides, expected):
+    assert plan_workers(spec_for(tiny_job, Path("/tmp/x"), *overrides), resources) == expected
+
+
+def test_worker_plan_refusals(tiny_job):
+    with pytest.raises(UserError, match="cuda requested but the Ray cluster has no GPU"):
+        plan_workers(spec_for(tiny_job, Path("/tmp/x"), "run.device=cuda"), {"CPU": 4.0})
+    with pytest.raises(UserError, match="0 CPUs"):
+        plan_workers(spec_for(tiny_job, Path("/tmp/x")), {"CPU": 0.0})
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    "requested, vector_bytes, workers, memory, expected",
+    [
+        ("auto", 100 * 2**20, 8, [64 * GiB], "replicated"),  # 8 x 100 MiB on a 64 GiB node
+        ("auto", 3 * GiB, 8, [64 * GiB], "sharded"),  # 8 replicas would take 24 of 64 GiB
+        ("auto", 3 * GiB, 2, [64 * GiB, 64 * GiB], "replicated"),  # one replica per node
+        ("auto", 5 * GiB, 1, [512 * GiB], "sharded"),  # past the per-replica cap
+        ("sharded", 1, 1, [64 * GiB], "sharded"),
+        ("replicated", 5 * GiB, 8, [64 * GiB], "replicated"),
+    ],
+)
+def test_index_placement_rule(requested, vector_bytes, workers, memory, expected):
+    assert choose_placement(requested, vector_bytes, workers, memory) == expected
+
+
+def test_unknown_placement_is_refused():
+    with pytest.raises(UserError, match="index placement: must be one of auto, replicated, sharded"):
+        choose_placement("everywhere", 1, 1, [GiB])
+
+
+def test_lost_workers_are_told_from_job_errors():
+    died = rex.ActorDiedError()
+    assert is_lost(died) and is_lost(rex.NodeDiedError("n")) and is_lost(rex.WorkerCrashedError())
+    assert is_lost(rex.RayTaskError("propose", "tb", died))  # an index-shard actor died under a generator
+    assert not is_lost(rex.RayTaskError("propose", "tb", ValueError("bug")))
+    assert not is_lost(UserError("bad spec"))
