@@ -138,26 +138,28 @@ def latest_snapshot(run: Storage) -> str | None:
     return found[-1][1] if found else None
 
 
-def fetch_resume_source(uri: str, storage_options: dict[str, Any] | None, workdir: str) -> tuple[str, str]:
-    """('snapshot', local folder) or ('pkl', local file) for `--resume`: a run directory (its latest
-    snapshot or checkpoint), a snapshot folder (or its state.pt), or an original `.pkl`."""
+def fetch_resume_source(uri: str, storage_options: dict[str, Any] | None, workdir: str
+                        ) -> tuple[str, str, str]:
+    """(kind, local copy, what it is) for `--resume`: ('snapshot', folder, uri) for a run directory (its
+    latest snapshot or checkpoint, named in the third item), a snapshot folder or its state.pt;
+    ('pkl', file, uri) for an original `.pkl`."""
     where = Storage(uri, storage_options)
     if uri.endswith(".pkl"):
         if not where.fs.isfile(where.path()):
             raise UserError(f"resume: {uri}: file not found")
         local = Path(workdir) / "resume.pkl"
         local.write_bytes(where.fs.cat_file(where.path()))
-        return "pkl", str(local)
+        return "pkl", str(local), uri
     if uri.rstrip("/").endswith(STATE_FILE):
         where = Storage(uri.rstrip("/")[: -len(STATE_FILE)].rstrip("/"), storage_options)
     if not where.exists():
         raise UserError(f"resume: {uri}: not found")
     if STATE_FILE in where.list():
-        return "snapshot", str(download_folder(where, "", Path(workdir) / "snapshot"))
+        return "snapshot", str(download_folder(where, "", Path(workdir) / "snapshot")), where.uri
     relative = latest_snapshot(where)
     if relative is None:
         raise UserError(f"resume: {uri}: neither a snapshot folder, a run directory with snapshots, nor a .pkl")
-    return "snapshot", str(download_folder(where, relative, Path(workdir) / "snapshot"))
+    return "snapshot", str(download_folder(where, relative, Path(workdir) / "snapshot")), where.url(relative)
 
 
 def temporary_folder() -> tempfile.TemporaryDirectory:

@@ -11,7 +11,7 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from engine.spec import apply_override, format_validation_error, parse_value
 from engine.training.presets import Hyperparams, resolve
@@ -72,11 +72,12 @@ class AugmentSpec(_Section):
     interval: int = Field(4, ge=1, description="steps between ADA adjustments")
     speed_kimg: float = Field(500, gt=0, description="kimg for p to move 0 -> 1")
 
-    @model_validator(mode="after")
-    def _check_mode(self) -> AugmentSpec:
-        if self.p != 0 and self.mode != "fixed":
-            raise ValueError("augment.p: only applies with augment.mode 'fixed'")
-        return self
+    @field_validator("p")
+    @classmethod
+    def _only_fixed(cls, value: float, info: ValidationInfo) -> float:
+        if value != 0 and info.data.get("mode") != "fixed":
+            raise ValueError("only applies with augment.mode 'fixed' (as the original's --p)")
+        return value
 
 
 class ScheduleSpec(_Section):
@@ -111,6 +112,13 @@ class TrainRunSpec(_Section):
     max_failures: int = Field(3, ge=-1, description="automatic restarts from the last checkpoint (-1 = forever)")
     cpus_per_worker: float = Field(1, gt=0)
 
+    @field_validator("num_workers")
+    @classmethod
+    def _local_is_one(cls, value: int, info: ValidationInfo) -> int:
+        if value != 1 and info.data.get("executor") == "local":
+            raise ValueError("the local executor runs one worker; use run.executor 'ray'")
+        return value
+
 
 class TrainSpec(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
@@ -123,12 +131,6 @@ class TrainSpec(_Section):
     metrics: MetricsSpec = MetricsSpec()
     resume: str | None = Field(None, description="run directory, native snapshot folder or original .pkl")
     run: TrainRunSpec = TrainRunSpec()
-
-    @model_validator(mode="after")
-    def _check_local(self) -> TrainSpec:
-        if self.run.executor == "local" and self.run.num_workers != 1:
-            raise ValueError("run.num_workers: the local executor runs one worker; use run.executor 'ray'")
-        return self
 
 
 def resolve_hyperparams(spec: TrainSpec, resolution: int, num_workers: int | None = None) -> Hyperparams:

@@ -54,10 +54,10 @@ def find_start(hp: Hyperparams, resolution: int, c_dim: int, seed: int, latest_c
         start = StartPoint("checkpoint", latest_checkpoint, snap.networks, snap.state, snap.state.get("augment_p"))
     elif resume is not None:
         with tempfile.TemporaryDirectory(prefix="facegen-resume-") as workdir:
-            kind, local = fetch_resume_source(resume, storage_options, workdir)
+            kind, local, source = fetch_resume_source(resume, storage_options, workdir)
             if kind == "snapshot":
                 snap = load_snapshot(local)
-                start = StartPoint("snapshot", resume, snap.networks, snap.state, snap.state.get("augment_p"))
+                start = StartPoint("snapshot", source, snap.networks, snap.state, snap.state.get("augment_p"))
             else:
                 start = _from_pickle(local, resume, fresh)
     else:

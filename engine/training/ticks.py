@@ -72,6 +72,7 @@ class TickWork:
         else:
             self._log_start()
         out.flush()
+        self.start_time = self.tick_start_time = self.last_checkpoint_time = time.time()  # after the setup
 
     def _log_start(self) -> None:
         t, out = self.t, self.t.out

@@ -68,7 +68,7 @@ def test_spec_defaults_and_resolution():
 @pytest.mark.parametrize("overrides, message", [
     (["loss.nir_weight=0.5"], "loss.nir_weight: unknown key"),
     (["config.preset=paper512"], "config.preset: Input should be"),
-    (["augment.p=0.2"], "augment: augment.p: only applies with augment.mode 'fixed'"),
+    (["augment.p=0.2"], "augment.p: only applies with augment.mode 'fixed'"),
     (["run.executor=local", "run.num_workers=2"], "run.num_workers: the local executor runs one worker"),
     (["loss.nir_loss_weight=-1"], "loss.nir_loss_weight: Input should be greater than or equal to 0"),
     (["data=null"], "data: Input should be"),
