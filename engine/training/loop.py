@@ -12,6 +12,7 @@ order, so a restart at step s reads exactly what the uninterrupted run would hav
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,7 @@ class Trainer:
             style_mixing_prob=loss_spec.style_mixing_prob), self.augment_pipe, self.stats.add)
         self.phases = self._phases()
         self.cur_nimg = self.cur_tick = self.batch_idx = 0
+        self.phase_seconds: dict[str, float] | None = None  # set to {} to time each phase (syncs the device)
         self._restore_state()
         self.batches = self._batches()
         self.ticks = TickWork(self)
@@ -169,13 +171,14 @@ class Trainer:
         while not done:
             if self.ctx.step_hook is not None:
                 self.ctx.step_hook(self.ctx, self.batch_idx)
-            self._step()
+            self.step()
             done = self.cur_nimg >= total_nimg
             if done or self.ticks.due():
                 self.ticks.run(done)
         return self.ticks.finish()
 
-    def _step(self) -> None:
+    def step(self) -> None:
+        """One training step: every due phase on one global batch, the EMA update, ADA."""
         vis, nir, c = next(self.batches)
         vis = vis.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1
         nir = nir.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1
@@ -186,12 +189,20 @@ class Trainer:
         gen_c = self.conditions[picks]  # fake conditions = features of random training images
         for i, phase in enumerate(self.phases):
             if self.batch_idx % phase.interval == 0:
+                started = self._clock() if self.phase_seconds is not None else 0.0
                 self._run_phase(phase, vis, nir, c, gen_z[i], gen_c[i])
+                if self.phase_seconds is not None:  # the bench's breakdown; off in training
+                    self.phase_seconds[phase.name] = self.phase_seconds.get(phase.name, 0.0) + self._clock() - started
         self._update_ema()
         self.cur_nimg += self.hp.batch_size
         self.batch_idx += 1
         if self.ada is not None:  # adjusts p every `augment.interval` steps, from all ranks' signs
             self.ada.step(all_reduce=self._sum_over_ranks)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         return dist.all_reduce_sum_(t.to(self.device), self.ctx.world_size).cpu()

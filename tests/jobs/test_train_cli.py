@@ -115,3 +115,18 @@ def test_missing_data_and_job_file(tmp_path, capsys):
     assert "data: required" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "job.yaml")]) == 2
     assert "job.yaml: training spec not found" in capsys.readouterr().err
+
+
+def test_bench_train_times_whole_regulariser_cycles(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "train", "--resolution", "16", "--batch", "4", "--channel-base", "128", "--channel-max", "16",
+               "--c-dim", "8", "--kimg-sample", "0.004", "--warmup-steps", "1", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert (r["steps"], r["kimg"], r["batch"], r["resolution"]) == (16, 0.064, 4, 16)  # one 16-step cycle
+    assert r["sec_per_kimg"] == pytest.approx(r["seconds"] / r["kimg"])
+    assert set(r["phase_sec_per_kimg"]) == {"Gmain", "Greg", "Dmain", "Dreg"}
+    assert sum(r["phase_sec_per_kimg"].values()) <= r["sec_per_kimg"]
+    assert r["regularisation_overhead"] > 0
+    assert "s/kimg" in capsys.readouterr().out
+    assert main(["bench", "train", "--resolution", "12"]) == 2
