@@ -169,6 +169,10 @@ def iter_encoded(batch: ShardBatch, image_format: str = "png", *, quality: int =
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format: must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     workers = min(workers or default_workers(), len(batch))
+    if workers == 1:  # no pool: nothing to overlap with
+        for i in range(len(batch)):
+            yield _encode_sample(batch, i, image_format, quality, png_compress_level)
+        return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode") as pool:
         futures = [pool.submit(_encode_sample, batch, i, image_format, quality, png_compress_level)
                    for i in range(len(batch))]

@@ -194,7 +194,8 @@ def test_marker_without_tar_is_removed(tmp_path):
     assert list(completed_shards(storage)) == [1]
 
 
-def test_failed_encoding_never_publishes_a_partial_tar(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])  # inline encoding and the thread pool
+def test_failed_encoding_never_publishes_a_partial_tar(tmp_path, monkeypatch, workers):
     storage = Storage(str(tmp_path))
     big = make_batch(0, size=64)  # noise images: several KiB each, so the temp file fills before the failure
     write_shard(storage, 0, big)
@@ -206,7 +207,7 @@ def test_failed_encoding_never_publishes_a_partial_tar(tmp_path, monkeypatch):
 
     def failing_encode(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 7:  # sample 3's VIS: samples 0-2 are encoded and go into the temp file
+        if len(calls) == 7:  # ~sample 3's VIS: the samples before it are encoded and go into the temp file
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and temp_size() < 30_000:
                 time.sleep(0.01)  # the writer thread streams the finished samples meanwhile
@@ -216,10 +217,10 @@ def test_failed_encoding_never_publishes_a_partial_tar(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shards, "encode_image", failing_encode)
     with pytest.raises(OSError, match="encoder failure"):
-        write_shard(storage, 0, big, workers=1)
+        write_shard(storage, 0, big, workers=workers)
     with pytest.raises(OSError, match="encoder failure"):
         calls.clear()
-        write_shard(storage, 5, make_batch(5, size=64), workers=1)
+        write_shard(storage, 5, make_batch(5, size=64), workers=workers)
     assert len(temp_sizes) == 2 and min(temp_sizes) >= 30_000  # partial data existed, under a temp name
     assert sorted(os.listdir(tmp_path / "shards")) == ["facegen-000000.tar"]  # no temp, no shard 5
     assert sha256_file(tmp_path / "shards" / "facegen-000000.tar") == good  # the old tar untouched
