@@ -46,7 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "flags below, then --set KEY=VALUE (later wins). The original generate_recognition_data.py "
             "flags are accepted too."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("job", nargs="?", help="job spec YAML (see jobs/examples/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
