@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=["local", "ray"], help="run in this process, or on Ray")
     p.add_argument("--address", help="Ray cluster address for --executor ray")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run")
-    p.add_argument("--batch", type=int, help="candidates per model call (does not change results)")
+    p.add_argument("--batch", type=int, help="candidates per model call (hashed: it can move a similarity by an ulp)")
     p.add_argument("--generator", help="generator checkpoint (native .safetensors or ArcBiFaceGAN .pkl)")
     p.add_argument("--embedder", help="face embedder (native, insightface .pth or .onnx)")
     p.add_argument("--index", help="privacy index URI built with `facegen index build`")
