@@ -67,8 +67,8 @@ class TickWork:
         self._grid_inputs()
         if t.start.kind == "checkpoint":
             dropped = out.truncate_stats(t.cur_nimg / 1000)
-            out.log(f"Restarted from checkpoint {Path(t.start.source).name} at kimg {t.cur_nimg / 1000:.3f} "
-                    f"(tick {t.cur_tick}); {dropped} stats entries past it dropped")
+            out.log(f"Restarted from checkpoint {Path(t.start.source).name} at kimg {t.cur_nimg / 1000:.3f}, "
+                    f"continuing with tick {t.cur_tick}; {dropped} stats entries past it dropped")
         else:
             self._log_start()
         out.flush()
