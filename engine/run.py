@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from engine.bundle import Bundle, check_compatible, resolve_device
@@ -152,8 +153,10 @@ def run_shard(bundle: Bundle, identities: Identities, out: Storage, shard_id: in
     expanded = expand_shard(bundle, identities, shard_labels(spec, len(identities), shard_id))
     batch = ShardBatch(labels=expanded.labels, samples=expanded.samples, vis=expanded.vis,
                        nir=expanded.nir, metas=expanded.metas)
+    # The encoder pool gets this process's CPU budget (Ray does not pin actors to cores).
     result = write_shard(out, shard_id, batch, name=spec.output.name, image_format=spec.output.image_format,
-                         jpeg_quality=spec.output.jpeg_quality, stats=expanded.stats)
+                         jpeg_quality=spec.output.jpeg_quality, stats=expanded.stats,
+                         workers=torch.get_num_threads())
     return result.marker
 
 
