@@ -61,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any training spec key, e.g. config.mapping_layers=2 or loss.nir_r1=false (repeatable)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     p.set_defaults(func=run)
 
@@ -73,7 +75,7 @@ def _spec(args: argparse.Namespace, workdir: str):
         "seed": args.seed, "data": {"uri": "synthetic", "loader_workers": 0}, "output": {"dir": workdir},
         "config": config, "augment": {"mode": args.aug},
         "schedule": {"tick_kimg": 1e6, "snap": None, "checkpoint_minutes": None, "grid": [2, 2]},
-        "run": {"executor": "local", "device": args.device}})
+        "run": {"executor": "local", "device": args.device}}, args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -120,13 +120,14 @@ def test_missing_data_and_job_file(tmp_path, capsys):
 def test_bench_train_times_whole_regulariser_cycles(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "train", "--resolution", "16", "--batch", "4", "--channel-base", "128", "--channel-max", "16",
-               "--c-dim", "8", "--kimg-sample", "0.004", "--warmup-steps", "1", "--json", str(out)])
+               "--c-dim", "8", "--kimg-sample", "0.004", "--warmup-steps", "1", "--json", str(out),
+               "--set", "config.z_dim=16", "--set", "config.w_dim=16", "--set", "config.mapping_layers=2"])
     assert rc == 0
     r = json.loads(out.read_text())
     assert (r["steps"], r["kimg"], r["batch"], r["resolution"]) == (16, 0.064, 4, 16)  # one 16-step cycle
     assert r["sec_per_kimg"] == pytest.approx(r["seconds"] / r["kimg"])
     assert set(r["phase_sec_per_kimg"]) == {"Gmain", "Greg", "Dmain", "Dreg"}
     assert sum(r["phase_sec_per_kimg"].values()) <= r["sec_per_kimg"]
-    assert r["regularisation_overhead"] > 0
+    assert r["regularisation_overhead"] > 0 and r["parameters"]["G"] < 50_000  # the --set overrides applied
     assert "s/kimg" in capsys.readouterr().out
     assert main(["bench", "train", "--resolution", "12"]) == 2
