@@ -205,3 +205,24 @@ def test_an_incomplete_checkpoint_does_not_count(full_run, tmp_path):
     assert latest_snapshot(run) == folder
     run.delete(posixpath.join(folder, "state.pt"))  # an interrupted upload: state.pt comes last
     assert latest_snapshot(run) == "network-snapshot-000000"
+
+
+def test_run_directory_and_resume_on_object_storage(data, s3_bucket, tmp_path):
+    uri, options = s3_bucket
+    tree = tiny_tree(data, tmp_path, config={"kimg": 0.012}, output={"dir": uri, "storage_options": options})
+    spec = build_train_spec(tree)
+    run = Storage(f"{uri}/00000-s3", options)
+    summary = Trainer(spec, local_context(run, torch.device("cpu")), run.uri).run()
+    assert summary["cur_nimg"] == 12
+    stats = [json.loads(line) for line in run.read_text("stats.jsonl").splitlines()]
+    assert [e["Progress/kimg"]["mean"] for e in stats] == [0.004, 0.012]  # appended by rewriting the object
+    assert [line.split()[1] for line in run.read_text("log.txt").splitlines() if line.startswith("tick ")] == [
+        "0", "1"]
+    assert latest_snapshot(run) == "checkpoints/checkpoint-000000000012"
+    resumed_tree = tiny_tree(data, tmp_path, resume=f"{uri}/00000-s3", config={"kimg": 0.02},
+                             output={"dir": uri, "storage_options": options})
+    resumed = build_train_spec(resumed_tree)
+    second = Storage(f"{uri}/00001-s3", options)
+    trainer = Trainer(resumed, local_context(second, torch.device("cpu")), second.uri)
+    assert trainer.start.source == f"{uri}/00000-s3/checkpoints/checkpoint-000000000012" and trainer.cur_nimg == 12
+    assert trainer.run()["cur_nimg"] == 20
