@@ -350,7 +350,7 @@ class AdaController:
     """Upstream's ADA heuristic: p follows the sign of D's outputs on real images toward `target`.
 
     Call `accumulate(real_logits)` whenever D scores reals and `step()` once per training step;
-    every `interval`-th step (the first included, as upstream's `batch_idx % interval == 0`) moves p
+    every `interval`-th step (as upstream: batch_idx is incremented, then `batch_idx % interval == 0`) moves p
     by batch_size * interval / (speed_kimg * 1000) toward the target, never below 0. `step` takes an
     optional `all_reduce` (sums a tensor over ranks) so every rank sees the same statistic.
     """
@@ -379,8 +379,8 @@ class AdaController:
         self._count += real_logits.numel()
 
     def step(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+        self.num_steps += 1  # upstream increments batch_idx before its `batch_idx % interval == 0` test
         due = self.num_steps % self.interval == 0
-        self.num_steps += 1
         if not due:
             return self.p
         stats = torch.stack([torch.as_tensor(self._sign_sum, dtype=torch.float64).reshape(()).cpu(),

@@ -156,6 +156,9 @@ def test_ada_controller_moves_p_by_the_upstream_step():
     pipe = AugmentPipe(xflip=1)
     ada = AdaController(batch_size=32, target=0.6, interval=4, speed_kimg=500, pipe=pipe)
     step = 32 * 4 / (500 * 1000)
+    for _ in range(3):  # upstream: batch_idx += 1, then adjust when batch_idx % interval == 0
+        ada.accumulate(torch.ones(32))
+        assert ada.step() == 0.0 and ada.last_rt is None
     ada.accumulate(torch.ones(32))
     assert ada.step() == pytest.approx(step, abs=0) and float(pipe.p) == pytest.approx(step)
     for _ in range(3):  # steps 1..3 of the interval do not adjust, statistics keep accumulating
@@ -182,6 +185,7 @@ def test_ada_controller_all_reduce_and_state_round_trip():
     # Another rank saw only negative logits: the summed statistic is below the target.
     other_rank = lambda stats: stats + torch.tensor([-24.0, 24.0], dtype=torch.float64)  # noqa: E731
     ada.accumulate(torch.ones(8))
+    assert ada.step(all_reduce=other_rank) == 0.0 and ada.last_rt is None  # first step: not due yet
     assert ada.step(all_reduce=other_rank) == 0.0 and ada.last_rt == pytest.approx(-0.5)
     sequence = [torch.ones(8), torch.ones(8), -torch.ones(8), torch.ones(8), torch.ones(8), -torch.ones(8)]
     for logits in sequence[:3]:
