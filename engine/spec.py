@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.errors import UserError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -192,20 +194,25 @@ def apply_override(tree: dict, dotted: str, value: Any) -> None:
 
 
 def build_spec(tree: dict[str, Any], overrides: list[str] = ()) -> JobSpec:
-    """Validate a spec tree after applying `key=value` overrides; errors name the dotted key."""
+    """Validate a job spec tree after applying `key=value` overrides; errors name the dotted key."""
+    return validate_tree(JobSpec, tree, overrides, "job spec")
+
+
+def validate_tree(model: type[ModelT], tree: dict[str, Any], overrides: list[str], what: str) -> ModelT:
+    """Any pydantic spec from a tree plus `--set key=value` overrides; one UserError naming the keys."""
     tree = json.loads(json.dumps(tree))  # deep copy, and JSON-only values
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. privacy.threshold=0.6")
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. seed=3")
         key, text = item.split("=", 1)
         apply_override(tree, key.strip(), parse_value(text))
     try:
-        return JobSpec.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
-        raise UserError(format_validation_error(err)) from None
+        raise UserError(format_validation_error(err, what)) from None
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, what: str = "job spec") -> str:
     lines = []
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "spec"
@@ -215,7 +222,7 @@ def format_validation_error(err: ValidationError) -> str:
         elif problem["type"] == "missing":
             message = "required"
         lines.append(f"{key}: {message}")
-    return "invalid job spec: " + "; ".join(lines)
+    return f"invalid {what}: " + "; ".join(lines)
 
 
 def load_spec_file(path: str) -> dict[str, Any]:

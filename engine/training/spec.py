@@ -7,15 +7,13 @@ numbers the loop uses, once the dataset resolution and the number of workers are
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from engine.spec import apply_override, format_validation_error, parse_value
+from engine.spec import validate_tree
 from engine.training.presets import Hyperparams, resolve
-from models.errors import UserError
 
 
 class _Section(BaseModel):
@@ -141,16 +139,8 @@ def resolve_hyperparams(spec: TrainSpec, resolution: int, num_workers: int | Non
 
 def build_train_spec(tree: dict[str, Any], overrides: list[str] = ()) -> TrainSpec:
     """Validate a spec tree after `key=value` overrides; errors name the dotted key."""
-    tree = json.loads(json.dumps(tree))
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. loss.nir_loss_weight=0.5")
-        key, text = item.split("=", 1)
-        apply_override(tree, key.strip(), parse_value(text))
-    try:
-        return TrainSpec.model_validate(tree)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err).replace("invalid job spec", "invalid training spec")) from None
+    return validate_tree(TrainSpec, tree, overrides, "training spec")
+
 
 
 def train_spec_to_yaml(spec: TrainSpec) -> str:
