@@ -42,7 +42,8 @@ def test_two_workers_restart_from_the_checkpoint_after_a_worker_is_killed(ray_se
     log = (run_dir / "log.txt").read_text().splitlines()
     restarts = [line for line in log if line.startswith("Restarted from checkpoint")]
     assert len(restarts) == 1
-    assert restarts[0].startswith("Restarted from checkpoint checkpoint-000000000020 at kimg 0.020, continuing with tick 3")
+    expected = "Restarted from checkpoint checkpoint-000000000020 at kimg 0.020, continuing with tick 3"
+    assert restarts[0].startswith(expected)
     # every tick exactly once, the kimg count continuing from the checkpoint
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
     assert [e["Progress/kimg"]["mean"] for e in stats] == [0.004, 0.012, 0.02, 0.028]
