@@ -9,7 +9,9 @@ killed) and says which failures are infrastructure (retry) and which are the job
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from engine.run import load_bundle, run_shard
 from engine.spec import JobSpec
 from engine.storage import Storage
 from models.errors import UserError
+
+log = logging.getLogger("facegen")
 
 # Failures of the infrastructure, never of the job: the work is redone elsewhere.
 LOST = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
@@ -119,19 +123,25 @@ def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
 
 @dataclass
 class Slot:
-    """One place in the pool; `generation` counts replacements so a death is handled once."""
+    """One place in the pool. `generation` counts replacements, so a death is handled once; a
+    replacement is `starting` (its pending `ready()`) until it has loaded its bundle."""
 
     actor: Any
     generation: int = 0
     in_flight: int = 0
     info: dict = field(default_factory=dict)
+    starting: Any = None
+    failed_starts: int = 0  # replacements in a row that died before serving
 
 
 class GeneratorPool:
-    """The generator actors of a job; replaces dead ones (bounded by the callers' retry counts)."""
+    """The generator actors of a job. A dead actor is replaced at once, but work only goes to actors
+    that serve: a replacement that cannot be placed (the cluster shrank) never holds work hostage."""
 
-    def __init__(self, factory: Callable[[], Any], size: int, on_event: Callable[[str, dict], None] | None = None):
-        self.factory, self.size = factory, size
+    def __init__(self, factory: Callable[[], Any], size: int, capacity: int = 2, max_failed_starts: int = 3,
+                 on_event: Callable[[str, dict], None] | None = None):
+        self.factory, self.size, self.capacity = factory, size, capacity
+        self.max_failed_starts = max_failed_starts
         self.slots: list[Slot] = []
         self.on_event = on_event or (lambda kind, data: None)
         self.replaced = 0
@@ -143,12 +153,23 @@ class GeneratorPool:
         if self.slots:
             return self
         self.slots = [Slot(self.factory()) for _ in range(self.size)]
-        infos = self._get([s.actor.ready.remote() for s in self.slots])
-        for i, (slot, info) in enumerate(zip(self.slots, infos)):
-            slot.info = info
-            self.nodes.add(info["node_id"])
-            self.on_event("actor_ready", {"slot": i, **info})
+        try:
+            infos = ray.get([s.actor.ready.remote() for s in self.slots])
+        except Exception as err:
+            raise_user_error(err)
+            raise
+        for i, info in enumerate(infos):
+            self._serving(i, info)
         return self
+
+    # -- choosing an actor -------------------------------------------------------------------
+    def pick(self, full_ok: bool = False) -> int | None:
+        """The least busy serving actor (lowest index on ties) with room for a task (any, if
+        `full_ok`); None if there is none."""
+        self.refresh()
+        fits = [i for i, s in enumerate(self.slots)
+                if s.starting is None and (full_ok or s.in_flight < self.capacity)]
+        return min(fits, key=lambda i: (self.slots[i].in_flight, i), default=None)
 
     def submitted(self, index: int) -> tuple[int, int]:
         """Count one more task on actor `index`; returns (index, generation) to hand back to `release`."""
@@ -161,37 +182,66 @@ class GeneratorPool:
         if slot.generation == generation:
             slot.in_flight = max(0, slot.in_flight - 1)
 
-    def pick(self) -> int:
-        """The least busy actor (lowest index on ties)."""
-        return min(range(len(self.slots)), key=lambda i: (self.slots[i].in_flight, i))
-
+    # -- replacing ----------------------------------------------------------------------------
     def lost(self, index: int, generation: int, err: BaseException) -> None:
         """An actor died: replace it unless a previous failure already did."""
-        slot = self.slots[index]
-        if slot.generation != generation:
+        if self.slots[index].generation == generation:
+            self._replace(index, err, failed_starts=0)
+
+    def starting_refs(self) -> list:
+        return [s.starting for s in self.slots if s.starting is not None]
+
+    def refresh(self, block: bool = False) -> None:
+        """Take in replacements that finished loading; one that died loading is replaced again
+        (at most `max_failed_starts` times in a row). `block`: wait until at least one finished."""
+        refs = self.starting_refs()
+        if not refs:
             return
-        self.on_event("actor_lost", {"slot": index, "error": f"{type(err).__name__}: {err}"[:500]})
-        try:
-            ray.kill(slot.actor, no_restart=True)
-        except Exception:  # already gone with its node
-            pass
-        self.slots[index] = Slot(self.factory(), generation=generation + 1)
+        if block:
+            log.info("waiting for a generator actor to be placed and loaded")
+        done, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+        for i, slot in enumerate(self.slots):
+            if slot.starting is None or slot.starting not in done:
+                continue
+            try:
+                info = ray.get(slot.starting)
+            except Exception as err:
+                if not is_lost(err):
+                    raise_user_error(err)
+                    raise
+                if slot.failed_starts + 1 > self.max_failed_starts:
+                    raise RuntimeError(f"generator actor {i} died {slot.failed_starts + 1} times while "
+                                       f"loading; last error: {err}") from err
+                self._replace(i, err, failed_starts=slot.failed_starts + 1)
+                continue
+            self._serving(i, info)
+
+    def wait_serving(self) -> None:
+        """Block until some actor serves (after every one was lost)."""
+        while all(s.starting is not None for s in self.slots):
+            self.refresh(block=True)
+
+    def _serving(self, index: int, info: dict) -> None:
+        slot = self.slots[index]
+        slot.starting, slot.info, slot.failed_starts = None, info, 0
+        self.nodes.add(info["node_id"])
+        self.on_event("actor_ready", {"slot": index, "generation": slot.generation, **info})
+
+    def _replace(self, index: int, err: BaseException, failed_starts: int) -> None:
+        old = self.slots[index]
+        self.on_event("actor_lost", {"slot": index, "generation": old.generation,
+                                     "error": f"{type(err).__name__}: {err}"[:500]})
+        with contextlib.suppress(Exception):  # already gone with its node
+            ray.kill(old.actor, no_restart=True)
+        actor = self.factory()
+        self.slots[index] = Slot(actor, generation=old.generation + 1, starting=actor.ready.remote(),
+                                 failed_starts=failed_starts)
         self.replaced += 1
 
     def shutdown(self) -> None:
         for slot in self.slots:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass
-
-    @staticmethod
-    def _get(refs: list) -> list:
-        try:
-            return ray.get(refs)
-        except Exception as err:
-            raise_user_error(err)
-            raise
 
 
 def raise_user_error(err: BaseException) -> None:

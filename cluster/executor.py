@@ -83,7 +83,8 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, index
             return RemoteGeneratorWorker.options(**plan.options()).remote(
                 spec, out, remote[0] if remote else None, plan.threads)
 
-        pool = GeneratorPool(new_actor, plan.num_workers, on_event)
+        pool = GeneratorPool(new_actor, plan.num_workers, capacity=IN_FLIGHT_PER_ACTOR,
+                             max_failed_starts=spec.run.max_retries, on_event=on_event)
         proposer = ProposeMany(pool, spec.run.max_retries)
         try:
             identities, selection = select_identities(spec, out, proposer, progress)
@@ -187,46 +188,43 @@ class ProposeMany:
     def __call__(self, blocks: Iterator[np.ndarray]) -> Iterator[Proposals]:
         pool, blocks = self.pool.start(), iter(blocks)
         pending: deque[list] = deque()  # [block, ref, slot index, generation, failures]
-        limit = IN_FLIGHT_PER_ACTOR * len(pool.slots)
-
-        def submit(entry: list) -> None:
-            i = pool.pick()
-            entry[1:4] = [pool.slots[i].actor.propose.remote(entry[0]), *pool.submitted(i)]
-
-        def refill() -> None:
-            while len(pending) < limit:
-                block = next(blocks, None)
-                if block is None:
-                    return
-                pending.append([block, None, -1, -1, 0])
-                submit(pending[-1])
-
         try:
-            refill()
+            self._refill(pending, blocks)
             while pending:
                 entry = pending[0]
                 try:
                     result = ray.get(entry[1])
                 except Exception as err:
-                    self._failed(entry, err, pending, submit)
+                    self._failed(entry, err, pending)
                     continue
                 pending.popleft()
                 pool.release(entry[2], entry[3])
-                refill()
+                self._refill(pending, blocks)
                 yield result
-        finally:  # closed early (selection done): drop what is still queued
+        finally:  # closed early (selection done): what is still queued runs out unread. Not ray.cancel:
+            # cancelling a queued actor task leaves a hole in the actor's task sequence, and the actor
+            # then stalls for 30 s and fails every queued task ("Timed out waiting for seq_no").
             for entry in pending:
-                with contextlib.suppress(Exception):
-                    ray.cancel(entry[1])
                 pool.release(entry[2], entry[3])
 
-    def _failed(self, entry: list, err: Exception, pending: deque, submit: Callable) -> None:
+    def _refill(self, pending: deque, blocks: Iterator[np.ndarray]) -> None:
+        while (i := self.pool.pick()) is not None:
+            block = next(blocks, None)
+            if block is None:
+                return
+            pending.append([block, None, -1, -1, 0])
+            self._submit(pending[-1], i)
+
+    def _submit(self, entry: list, i: int) -> None:
+        entry[1:4] = [self.pool.slots[i].actor.propose.remote(entry[0]), *self.pool.submitted(i)]
+
+    def _failed(self, entry: list, err: Exception, pending: deque) -> None:
         if not is_lost(err):
             raise_user_error(err)
             raise err
         dead, generation = entry[2], entry[3]
         self.pool.lost(dead, generation, err)
-        # Every block that was on the dead actor goes to a live one now, keeping the order of `pending`.
+        # Every block that was on the dead actor goes to a serving one now; `pending` keeps its order.
         for other in pending:
             if other[2] == dead and other[3] == generation:
                 other[4] += 1
@@ -234,7 +232,8 @@ class ProposeMany:
                 if other[4] > self.max_retries:
                     raise RuntimeError(f"proposal block at slot {int(other[0][0])} failed {other[4]} times; "
                                        f"last error: {err}") from err
-                submit(other)
+                self.pool.wait_serving()
+                self._submit(other, self.pool.pick(full_ok=True))
 
 
 class ShardScheduler:
@@ -245,37 +244,41 @@ class ShardScheduler:
         self.on_event = on_event or (lambda kind, data: None)
 
     def run(self, identities: Identities, todo: list[int], progress: bool) -> dict:
+        totals = {"shards_run": 0, "shard_retries": 0, "samples": 0, "attempts": 0}
         if not todo:
-            return {"shards_run": 0, "shard_retries": 0, "samples": 0, "attempts": 0}
-        self.pool.start()
+            return totals
+        pool = self.pool.start()
         box = [ray.put(identities)]
         queue = deque((shard_id, 0) for shard_id in todo)
         in_flight: dict = {}  # ref -> (shard_id, slot index, generation, failures)
-        totals = {"shards_run": 0, "shard_retries": 0, "samples": 0, "attempts": 0}
         with tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress) as bar:
             self._fill(queue, in_flight, box)
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                shard_id, slot, generation, failures = in_flight.pop(ready[0])
-                self.pool.release(slot, generation)
-                try:
-                    marker = ray.get(ready[0])
-                except Exception as err:
-                    self._retry(err, shard_id, slot, generation, failures, queue)
-                    totals["shard_retries"] += 1
-                else:
-                    self._done(marker, shard_id, slot, totals, bar)
-                self._fill(queue, in_flight, box)
+            while in_flight or queue:
+                if not in_flight:  # every actor was lost: wait for a replacement to load
+                    pool.wait_serving()
+                    self._fill(queue, in_flight, box)
+                    continue
+                ready, _ = ray.wait(list(in_flight) + pool.starting_refs(), num_returns=1)
+                if ready[0] in in_flight:
+                    shard_id, slot, generation, failures = in_flight.pop(ready[0])
+                    pool.release(slot, generation)
+                    try:
+                        marker = ray.get(ready[0])
+                    except Exception as err:
+                        self._retry(err, shard_id, slot, generation, failures, queue)
+                        totals["shard_retries"] += 1
+                    else:
+                        self._done(marker, shard_id, slot, totals, bar)
+                self._fill(queue, in_flight, box)  # also takes in replacements that finished loading
         return totals
 
     def _fill(self, queue: deque, in_flight: dict, box: list) -> None:
-        pool = self.pool
-        while queue and pool.slots[pool.pick()].in_flight < IN_FLIGHT_PER_ACTOR:
+        while queue and (i := self.pool.pick()) is not None:
             shard_id, failures = queue.popleft()
-            i = pool.pick()
-            ref = pool.slots[i].actor.run_shard.remote(box, shard_id)
-            in_flight[ref] = (shard_id, *pool.submitted(i), failures)
-            self.on_event("shard_submitted", {"shard": shard_id, "slot": i, "pid": pool.slots[i].info.get("pid")})
+            ref = self.pool.slots[i].actor.run_shard.remote(box, shard_id)
+            in_flight[ref] = (shard_id, *self.pool.submitted(i), failures)
+            self.on_event("shard_submitted", {"shard": shard_id, "slot": i,
+                                              "pid": self.pool.slots[i].info.get("pid")})
 
     def _retry(self, err: Exception, shard_id: int, slot: int, generation: int, failures: int,
                queue: deque) -> None:
@@ -289,8 +292,7 @@ class ShardScheduler:
                                f"{self.max_retries}); last error: {err}") from err
         log.warning("shard %d: worker lost (%s); retrying (%d/%d)", shard_id, type(err).__name__,
                     failures, self.max_retries)
-        if self.pool.slots[slot].generation == generation:
-            self.pool.lost(slot, generation, err)
+        self.pool.lost(slot, generation, err)
         queue.appendleft((shard_id, failures))
 
     def _done(self, marker: dict, shard_id: int, slot: int, totals: dict, bar: tqdm) -> None:

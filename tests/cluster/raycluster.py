@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -77,7 +78,9 @@ class LocalRayCluster:
         self.system_config = system_config or {}
         self.nodes: list[Node] = []
         # The whole cluster and its clients: token auth on, with this cluster's own token.
-        self.env = {**os.environ, MARK: self.id, "RAY_AUTH_MODE": "token",
+        # This interpreter's scripts first: `ray`, and the `facegen` a submitted job's entrypoint runs.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, MARK: self.id, "RAY_AUTH_MODE": "token", "PATH": path,
                     "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
 
@@ -108,8 +111,9 @@ class LocalRayCluster:
     def _start(self, ip: str, args: list[str], num_cpus: int) -> Node:
         mark = f"{self.id}/{ip}"
         log = self.root / f"node-{ip}.log"
-        command = ["ray", "start", "--block", "--node-ip-address", ip, "--num-cpus", str(num_cpus),
-                   "--disable-usage-stats", "--temp-dir", str(self.root / "ray"),
+        command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--node-ip-address", ip,
+                   "--num-cpus", str(num_cpus),
+                   "--disable-usage-stats", "--temp-dir", str(self.root / f"ray-{ip}"),
                    "--dashboard-agent-listen-port", str(free_port(ip)), *args]
         with open(log, "wb") as handle:
             proc = subprocess.Popen(command, env={**self.env, "FACEGEN_TEST_NODE": mark}, stdout=handle,

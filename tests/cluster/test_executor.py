@@ -33,12 +33,11 @@ class Killer:
     def __call__(self, kind: str, data: dict) -> None:
         if kind == "actor_ready":
             self.pids[data["slot"]] = data["pid"]
-            if data["slot"] == 0:
+            if data["slot"] == 0 and data["generation"] == 0:
                 self.kill("select", data["pid"])
         elif kind == "shard_done" and len(self.killed) == 1:
             # The actor that finished a shard is already running the next one it had queued.
-            pid = data["pid"] or next(p for p in self.pids.values() if (p, "select") not in self.killed)
-            self.kill("expand", pid)
+            self.kill("expand", data["pid"])
 
     def kill(self, phase: str, pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
