@@ -106,8 +106,8 @@ class OutputSpec(_Section):
 class RunSpec(_Section):
     """How to run; never changes results, so it is left out of the spec hash."""
 
-    executor: Literal["local", "ray"] = "local"
-    address: str | None = Field(None, description="Ray cluster address (ray executor)")
+    executor: Literal["local", "ray"] = "ray"
+    address: str | None = Field(None, description="Ray cluster to join (ray executor); none: an embedded local Ray")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int | None = Field(None, ge=1)
     max_retries: int = Field(3, ge=0)

@@ -82,18 +82,29 @@ def test_submit_then_stop(cluster, authenticated, tiny_job, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("facegen-stop-test: STOPPED")
 
 
+def actor_states(cluster) -> list:
+    actors = cluster.api("/api/v0/actors?limit=1000")["data"]["result"]["result"]
+    return [(a["class_name"], a["state"], a.get("pid")) for a in actors]
+
+
+def generator_actors(cluster) -> int:
+    actors = cluster.api("/api/v0/actors?limit=1000")["data"]["result"]["result"]
+    return sum(a["class_name"] == "GeneratorWorker" for a in actors)
+
+
 def test_driver_killed_then_resumed(cluster, tiny_job, reference, tmp_path):
-    out = tmp_path / "dataset"
-    proc = driver(cluster, "generate", tiny_job, "--out", str(out), "--address", cluster.address,
-                  "--set", "run.num_workers=2", log=tmp_path / "first.log")
-    wait_for(out / "done" / "000001.json", proc)
+    out, before = tmp_path / "dataset", generator_actors(cluster)
+    proc = driver(cluster, "generate", tiny_job, "--out", str(out), "--executor", "ray", "--address",
+                  cluster.address, "--set", "run.num_workers=2", log=tmp_path / "first.log")
+    wait_for(out / "done" / "000001.json", proc, why=lambda: f"{actor_states(cluster)} {cluster.alive_nodes()}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "report.json").exists(), "killed too late to test anything"
-    resumed = driver(cluster, "generate", tiny_job, "--out", str(out), "--address", cluster.address, "--resume",
-                     log=tmp_path / "resume.log")
+    resumed = driver(cluster, "generate", tiny_job, "--out", str(out), "--executor", "ray", "--address",
+                     cluster.address, "--resume", log=tmp_path / "resume.log")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert_same_dataset(out, reference)
+    assert generator_actors(cluster) >= before + 3  # both drivers ran on the cluster (2 + at least 1 actor)
 
 
 def test_submitted_job_survives_a_lost_worker_node(cluster, authenticated, tiny_job, reference, tmp_path, capsys):
@@ -102,7 +113,7 @@ def test_submitted_job_survives_a_lost_worker_node(cluster, authenticated, tiny_
     url, out = cluster.dashboard_url, tmp_path / "dataset"
     assert main(["submit", tiny_job, "--out", str(out), "--address", url, "--set", "run.num_workers=2"]) == 0
     job_id = capsys.readouterr().out.strip()
-    wait_for(out / "done" / "000001.json", why=lambda: str(jobs_api.status(url, job_id)) + jobs_api.logs(url, job_id))
+    wait_for(out / "done" / "000001.json", why=lambda: f"{jobs_api.status(url, job_id)} {actor_states(cluster)}")
     cluster.kill_node(cluster.nodes[-1])  # 127.0.0.7 and its generator actor, mid-job
     assert jobs_api.wait(url, job_id, timeout_s=300) == "SUCCEEDED", jobs_api.logs(url, job_id)[-3000:]
     deadline = time.time() + 60  # the head declares the node dead (health checks) and forgets it

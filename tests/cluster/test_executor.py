@@ -2,7 +2,11 @@
 
 import json
 import os
+import secrets
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +18,10 @@ from engine.spec import build_spec, load_spec_file
 from jobs.cli import main
 from models.errors import UserError
 from tests.cluster.outputs import assert_same_dataset
+from tests.cluster.raycluster import MARK, alive, marked_pids
 
 pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def spec_for(job: str, out: Path, *overrides: str):
@@ -57,18 +63,32 @@ def test_sharded_index_and_killed_generators_give_the_local_bytes(ray_session, t
     assert executor["shards_run"] == 12 and executor["samples"] == 24
     assert_same_dataset(tmp_path / "ray", reference)
     assert report == json.loads((reference / "report.json").read_text())
+    # A resume with nothing left to do starts no actor at all (replicated or sharded).
+    again = run_ray(spec_for(tiny_job, tmp_path / "ray"), resume=True, progress=False)["executor"]
+    assert (again["workers"], again["shards_run"], again["index_actors"]) == (0, 0, 0)
 
 
 @pytest.mark.slow
-def test_replicated_run_then_resume(ray_session, tiny_job, reference, tmp_path):
-    spec = spec_for(tiny_job, tmp_path / "ray")
-    report = run_ray(spec, progress=False, index_placement="replicated")
-    assert report["executor"]["index_placement"] == "replicated" and report["executor"]["index_actors"] == 0
-    assert report["executor"]["actors_replaced"] == 0 and report["executor"]["shards_run"] == 12
+def test_generate_starts_an_embedded_ray_and_leaves_nothing_running(tiny_job, reference, tmp_path):
+    """`facegen generate` with the Ray executor and no address, in its own process, as a user runs it."""
+    mark = secrets.token_hex(6)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MARK: mark}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "jobs", "generate", tiny_job, "--out", str(tmp_path / "ray"),
+                          "--executor", "ray"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "wrote 24 samples of 12 identities in 12 shards" in run.stdout
     assert_same_dataset(tmp_path / "ray", reference)
-    # A resume with nothing left to do starts no actor at all.
-    nothing = run_ray(spec, resume=True, progress=False)
-    assert nothing["executor"]["shards_run"] == 0 and nothing["executor"]["workers"] == 0
+    deadline = time.time() + 30  # Ray stops the embedded cluster at the driver's exit
+    while left := [p for p in marked_pids(mark) if alive(p)]:
+        assert time.time() < deadline, f"processes of the embedded Ray survived: {left}"
+        time.sleep(0.5)
+
+
+def test_ray_is_the_default_executor():
+    from engine.spec import RunSpec
+
+    assert (RunSpec().executor, RunSpec().address) == ("ray", None)
 
 
 def test_user_error_in_an_actor_is_one_clean_line(ray_session, tiny_job, tmp_path, capsys):
