@@ -71,15 +71,34 @@ def test_refusals_are_one_clear_line(cluster, authenticated, capsys):
 
 
 def test_submit_then_stop(cluster, authenticated, tiny_job, tmp_path, capsys):
-    url = cluster.dashboard_url
-    assert main(["submit", tiny_job, "--out", str(tmp_path / "big"), "--set", "identities=100000",
+    url, out = cluster.dashboard_url, tmp_path / "big"
+    assert main(["submit", tiny_job, "--out", str(out), "--set", "identities=100000", "--set", "run.num_workers=2",
                  "--address", url, "--job-id", "facegen-stop-test"]) == 0
     assert capsys.readouterr().out.strip() == "facegen-stop-test"
+    # Stop a driver that runs (Ray leaves a driver stopped within milliseconds of its start orphaned).
+    wait_for(out / "job.sha256", why=lambda: str(jobs_api.status(url, "facegen-stop-test")))
     assert main(["stop", "facegen-stop-test", "--address", url]) == 0
     assert "stop requested" in capsys.readouterr().out
     assert jobs_api.wait(url, "facegen-stop-test", timeout_s=120) == "STOPPED"
     assert main(["status", "facegen-stop-test", "--address", url]) == 0
     assert capsys.readouterr().out.startswith("facegen-stop-test: STOPPED")
+    deadline = time.time() + 60  # the driver is gone, and with it every actor it started
+    while [a for a in actor_states(cluster) if a[0] == "GeneratorWorker" and a[1] != "DEAD"] or drivers(cluster):
+        assert time.time() < deadline, f"{actor_states(cluster)} {drivers(cluster)}"
+        time.sleep(0.5)
+
+
+def drivers(cluster) -> list[int]:
+    """`facegen generate` processes of this cluster still running."""
+    found = []
+    for pid in cluster.leftovers():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"generate" in command and any(part.endswith(b"facegen") for part in command):
+            found.append(pid)
+    return found
 
 
 def actor_states(cluster) -> list:

@@ -1,0 +1,135 @@
+"""`facegen bench scaling`: identity candidates per second with 1, 2, … generator actors on Ray.
+
+Each worker count gets its own pool of generator actors, placed exactly as `facegen generate` places
+them (`cluster.actors.plan_workers`: one per GPU, else one per CPU slot); their start-up (model loading)
+and one warm-up block per actor are not timed. Timed: phase 1 (propose: render, embed, privacy query)
+over the same `--slots` identity slots, through the executor's own ordered producer. Baseline (same run):
+one worker; efficiency(n) = rate(n) / (n × rate(1)). The proposals of every worker count are compared
+byte for byte (they must be identical: placement never changes results).
+Without JOB.yaml the demo job is used (tiny seeded models, `facegen demo`), made in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "scaling", help="candidates/s with 1 vs N generator actors on Ray (scaling efficiency)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", nargs="?", help="job spec YAML (default: the demo job on tiny models)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec key (repeatable)")
+    parser.add_argument("--workers", default="1,2", help="comma list of generator actor counts; the first is "
+                                                         "the baseline")
+    parser.add_argument("--slots", type=int, default=256, help="identity slots proposed per worker count")
+    parser.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
+    parser.set_defaults(func=run)
+
+
+def parse_workers(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--workers: {text!r} is not a comma list of integers") from None
+    if not counts or min(counts) < 1:
+        raise UserError("--workers: counts must be positive")
+    return counts
+
+
+def load_spec(args: argparse.Namespace, folder: Path):
+    from engine.spec import build_spec, load_spec_file
+
+    if args.job:
+        return build_spec(load_spec_file(args.job), args.overrides)
+    from jobs.demo import prepare_demo
+
+    demo = prepare_demo(folder / "demo")
+    return build_spec(json.loads(demo.model_dump_json()), args.overrides)
+
+
+def measure(spec, out, workers: int, slots: int) -> tuple[float, dict, list]:
+    """(seconds, plan, proposals) for `workers` actors proposing slots 0..slots-1 in executor blocks."""
+    import ray
+
+    from cluster.actors import GeneratorPool, RemoteGeneratorWorker, plan_workers
+    from cluster.executor import IN_FLIGHT_PER_ACTOR, ProposeMany
+    from engine.run import proposal_blocks
+
+    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"num_workers": workers})})
+    plan = plan_workers(spec, ray.cluster_resources())
+    pool = GeneratorPool(lambda: RemoteGeneratorWorker.options(**plan.options()).remote(spec, out, None, plan.threads),
+                         plan.num_workers, capacity=IN_FLIGHT_PER_ACTOR)
+    try:
+        pool.start()  # model loading is not timed
+        warm_up = [np.arange(i * spec.proposal_block, (i + 1) * spec.proposal_block) for i in range(workers)]
+        list(ProposeMany(pool, 0)(iter(warm_up)))
+        blocks = [b for b in proposal_blocks(spec) if b[0] < slots]
+        blocks[-1] = blocks[-1][blocks[-1] < slots]
+        started = time.perf_counter()
+        proposals = list(ProposeMany(pool, 0)(iter(blocks)))
+        seconds = time.perf_counter() - started
+    finally:
+        pool.shutdown()
+    return seconds, {"workers": plan.num_workers, "gpus_per_worker": plan.num_gpus,
+                     "cpus_per_worker": plan.num_cpus, "threads_per_worker": plan.threads}, proposals
+
+
+def same_proposals(a: list, b: list) -> bool:
+    fields = ("slot", "condition", "anchor", "real_sim", "real_identity", "verdict")
+    return len(a) == len(b) and all(
+        np.array_equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in fields)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.executor import ray_connection
+    from engine.storage import Storage
+
+    counts = parse_workers(args.workers)
+    if args.slots < 1:
+        raise UserError("--slots: must be positive")
+    with tempfile.TemporaryDirectory(prefix="facegen-bench-") as folder:
+        spec = load_spec(args, Path(folder))
+        if spec.max_slots < args.slots:
+            spec = spec.model_copy(update={"filter": spec.filter.model_copy(update={"max_slots": args.slots})})
+        out = Storage(str(Path(folder) / "out"))
+        results, reference = [], None
+        with ray_connection(args.address):
+            resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            for workers in counts:
+                seconds, plan, proposals = measure(spec, out, workers, args.slots)
+                reference = reference or proposals
+                row = {**plan, "seconds": seconds, "candidates_per_s": args.slots / seconds,
+                       "identical_to_baseline": same_proposals(proposals, reference)}
+                results.append(row)
+        base = results[0]
+        for row in results:
+            row["speedup"] = row["candidates_per_s"] / base["candidates_per_s"]
+            row["efficiency"] = row["speedup"] / (row["workers"] / base["workers"])
+            print(format_row(row), flush=True)
+    report = {"benchmark": "scaling", "job": args.job or "demo", "slots": args.slots, "cluster": resources,
+              "machine": platform.processor() or platform.machine(), "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if all(r["identical_to_baseline"] for r in results) else 1
+
+
+def format_row(row: dict) -> str:
+    device = f"{row['gpus_per_worker']:g} GPU" if row["gpus_per_worker"] else f"{row['cpus_per_worker']:g} CPU"
+    same = "identical" if row["identical_to_baseline"] else "DIFFERENT proposals!"
+    return (f"{row['workers']:>3} workers ({device}, {row['threads_per_worker']} threads each): "
+            f"{row['candidates_per_s']:8.2f} candidates/s  speed-up x{row['speedup']:.2f}  "
+            f"efficiency {row['efficiency']:.0%}  ({same})")
