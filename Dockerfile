@@ -1,56 +1,43 @@
-# The facegen image: CUDA runtime, pinned torch / Ray / faiss-gpu, and the `facegen` command as entrypoint.
-# The Ray cluster launcher configs and the KubeRay manifests in cluster/launch/ run this image.
-#
+# facegen runtime image for Ray clusters (cluster launcher and KubeRay): CUDA, pinned torch / Ray /
+# faiss-gpu, and the `facegen` CLI as entrypoint. Build from the repository root:
 #   docker build -t facegen:0.1.0 .
-#   docker run --gpus all -v $PWD:/work facegen:0.1.0 generate /work/job.yaml --executor local
+#   docker run --gpus all -v $PWD:/work facegen:0.1.0 generate /work/job.yaml
+# Ray requires the same Ray version on every node and on the submitting machine: keep RAY_VERSION
+# equal to the pin in pyproject.toml (tests/cluster/test_launch_configs.py checks it). The launchers
+# run their own commands (`ray start …`) in the container: they override the entrypoint.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    VIRTUAL_ENV=/opt/facegen \
-    PATH=/opt/facegen/bin:$PATH
-
-# Python 3.12 (Ubuntu 24.04's), plus what the Ray cluster launcher expects inside a container
-# (rsync, an ssh client, sudo) and tini to reap the processes Ray starts.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
-        rsync openssh-client sudo ca-certificates tini \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv "$VIRTUAL_ENV"
-
-# The pinned stack. torch's Linux wheel on PyPI is the CUDA 12.8 build (CUDA libraries as wheels);
-# faiss-gpu replaces the faiss-cpu of pyproject's dependencies (both provide the `faiss` module).
+ARG PYTHON=python3.12
 ARG TORCH_VERSION=2.13.0
 ARG RAY_VERSION=2.60.0
 ARG FAISS_GPU_VERSION=1.15.1
-RUN pip install \
-        "torch==${TORCH_VERSION}" \
-        "ray[default,train]==${RAY_VERSION}" \
-        "faiss-gpu==${FAISS_GPU_VERSION}" \
-        "numpy>=1.24" "pillow>=10" "webdataset==1.0.2" "pyarrow>=14" "fsspec>=2024.2" "pydantic>=2.5" \
-        "safetensors>=0.4" "pyyaml>=6" "tqdm>=4.66" \
-        "s3fs>=2024.2" "gcsfs>=2024.2" "onnxruntime>=1.17" "onnx>=1.15"
 
-# facegen itself, without dependencies (they are the pinned ones above).
-WORKDIR /opt/src/facegen
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+
+# tini reaps the processes Ray starts; rsync and an ssh client are what the cluster launcher uses.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ${PYTHON} ${PYTHON}-venv python3-pip ca-certificates \
+      libgl1 libglib2.0-0 tini rsync openssh-client \
+ && rm -rf /var/lib/apt/lists/* \
+ && ${PYTHON} -m venv /opt/venv
+
+# CUDA build of torch (the default PyPI wheel) and the cluster's Ray.
+RUN pip install "torch==${TORCH_VERSION}" "ray[default,train]==${RAY_VERSION}"
+
+WORKDIR /opt/facegen
 COPY pyproject.toml README.md ./
 COPY models ./models
 COPY engine ./engine
 COPY cluster ./cluster
 COPY jobs ./jobs
-RUN pip install --no-deps . \
-    && facegen --help > /dev/null \
-    && python -c "import faiss, ray, torch; print(ray.__version__, torch.__version__, faiss.__version__)"
+# faiss-cpu (a dependency) and faiss-gpu ship the same `faiss` module: swap in the GPU build, which
+# has Hopper kernels (faiss-gpu-cu12 lacks them; faiss-gpu 1.15.1 has them).
+RUN pip install ".[onnx,s3,quality]" \
+ && pip uninstall -y faiss-cpu \
+ && pip install --no-deps "faiss-gpu==${FAISS_GPU_VERSION}" \
+ && facegen --help >/dev/null \
+ && python -c "import ray; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
 
-COPY cluster/launch/docker-entrypoint.sh /usr/local/bin/facegen-entrypoint
-RUN chmod +x /usr/local/bin/facegen-entrypoint \
-    && useradd --create-home --uid 1000 --shell /bin/bash ray \
-    && echo "ray ALL=(ALL) NOPASSWD:ALL" > /etc/sudoers.d/ray
-USER ray
-WORKDIR /home/ray
-
-ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/facegen-entrypoint"]
+ENTRYPOINT ["/usr/bin/tini", "--", "facegen"]
 CMD ["--help"]

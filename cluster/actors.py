@@ -57,7 +57,7 @@ class GeneratorWorker:
     """One generator actor: the engine's propose / run_shard on a bundle loaded once."""
 
     def __init__(self, spec: JobSpec, out: Storage, index: Any | None, num_threads: int):
-        torch.set_num_threads(max(MIN_TORCH_THREADS, num_threads))
+        torch.set_num_threads(num_threads)  # plan_workers: never 1 in a job (see MIN_TORCH_THREADS)
         self.out, self.error = out, None
         self._identities_ref, self._identities = None, None
         try:
@@ -104,7 +104,9 @@ class WorkerPlan:
 
 
 def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
-    """One actor per GPU (`num_gpus=1`); on CPU-only clusters (or run.device=cpu) one per CPU slot.
+    """One actor per GPU (`num_gpus=1`); on CPU-only clusters (or run.device=cpu) one per
+    MIN_TORCH_THREADS CPU slots, running that many threads (an actor never computes single-threaded,
+    and one per CPU slot would oversubscribe the cores twice over).
 
     `run.num_workers` caps the count (GPU) or sets it (CPU, sharing the CPUs evenly).
     """
@@ -116,9 +118,12 @@ def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
         raise UserError("run.device: cuda requested but the Ray cluster has no GPU")
     if cpus < 1:
         raise UserError(f"the Ray cluster has {cpus:g} CPUs: no generator actor can be placed")
-    count = wanted or int(cpus)
-    per_actor = min(1.0, cpus / count)
-    return WorkerPlan(count, num_cpus=round(per_actor, 4), threads=max(MIN_TORCH_THREADS, int(cpus // count)))
+    count = wanted or max(1, int(cpus) // MIN_TORCH_THREADS)
+    share = cpus / count
+    # Whole CPUs when there are enough (Ray then never packs more threads than cores onto a node);
+    # a fraction when run.num_workers asks for more actors than CPUs.
+    num_cpus = float(int(share)) if share >= 1 else round(share, 4)
+    return WorkerPlan(count, num_cpus=num_cpus, threads=max(MIN_TORCH_THREADS, int(share)))
 
 
 @dataclass

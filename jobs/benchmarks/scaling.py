@@ -12,7 +12,9 @@ Without JOB.yaml the demo job is used (tiny seeded models, `facegen demo`), made
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import tempfile
 import time
@@ -33,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", default="1,2", help="comma list of generator actor counts; the first is "
                                                          "the baseline")
     parser.add_argument("--slots", type=int, default=256, help="identity slots proposed per worker count")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per worker (default: as `facegen generate` runs them, at "
+                             "least 2); 1 thread per 1-CPU worker measures scaling without oversubscription")
     parser.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     parser.set_defaults(func=run)
@@ -59,7 +64,7 @@ def load_spec(args: argparse.Namespace, folder: Path):
     return build_spec(json.loads(demo.model_dump_json()), args.overrides)
 
 
-def measure(spec, out, workers: int, slots: int) -> tuple[float, dict, list]:
+def measure(spec, out, workers: int, slots: int, threads: int | None = None) -> tuple[float, dict, list]:
     """(seconds, plan, proposals) for `workers` actors proposing slots 0..slots-1 in executor blocks."""
     import ray
 
@@ -69,6 +74,8 @@ def measure(spec, out, workers: int, slots: int) -> tuple[float, dict, list]:
 
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"num_workers": workers})})
     plan = plan_workers(spec, ray.cluster_resources())
+    if threads:
+        plan = dataclasses.replace(plan, threads=threads, num_cpus=min(plan.num_cpus, float(threads)))
     pool = GeneratorPool(lambda: RemoteGeneratorWorker.options(**plan.options()).remote(spec, out, None, plan.threads),
                          plan.num_workers, capacity=IN_FLIGHT_PER_ACTOR)
     try:
@@ -99,18 +106,19 @@ def run(args: argparse.Namespace) -> int:
     from engine.storage import Storage
 
     counts = parse_workers(args.workers)
-    if args.slots < 1:
-        raise UserError("--slots: must be positive")
+    if args.slots < 1 or (args.threads is not None and args.threads < 1):
+        raise UserError("--slots, --threads: must be positive")
     with tempfile.TemporaryDirectory(prefix="facegen-bench-") as folder:
         spec = load_spec(args, Path(folder))
         if spec.max_slots < args.slots:
             spec = spec.model_copy(update={"filter": spec.filter.model_copy(update={"max_slots": args.slots})})
         out = Storage(str(Path(folder) / "out"))
         results, reference = [], None
+        load_before = _loadavg()
         with ray_connection(args.address):
             resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
             for workers in counts:
-                seconds, plan, proposals = measure(spec, out, workers, args.slots)
+                seconds, plan, proposals = measure(spec, out, workers, args.slots, args.threads)
                 reference = reference or proposals
                 row = {**plan, "seconds": seconds, "candidates_per_s": args.slots / seconds,
                        "identical_to_baseline": same_proposals(proposals, reference)}
@@ -120,11 +128,23 @@ def run(args: argparse.Namespace) -> int:
             row["speedup"] = row["candidates_per_s"] / base["candidates_per_s"]
             row["efficiency"] = row["speedup"] / (row["workers"] / base["workers"])
             print(format_row(row), flush=True)
+    load = {"before": load_before, "after": _loadavg()}
+    if args.address is None and max(load["before"], load["after"]) > (resources.get("CPU") or 1):
+        print(f"note: this machine's load average ({load['before']:.1f} before, {load['after']:.1f} after) "
+              "exceeds its CPUs: other processes took part of them, so the figures understate scaling")
     report = {"benchmark": "scaling", "job": args.job or "demo", "slots": args.slots, "cluster": resources,
-              "machine": platform.processor() or platform.machine(), "results": results}
+              "machine": platform.processor() or platform.machine(), "load_average": load, "results": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if all(r["identical_to_baseline"] for r in results) else 1
+
+
+def _loadavg() -> float:
+    """The 1-minute load average (0 where the OS does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def format_row(row: dict) -> str:

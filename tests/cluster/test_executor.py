@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def spec_for(job: str, out: Path, *overrides: str):
-    return build_spec(load_spec_file(job), [f"output.uri={out}", "run.executor=ray", *overrides])
+    """The tiny job on the Ray executor with two generator actors (one per CPU of the test Ray)."""
+    return build_spec(load_spec_file(job), [f"output.uri={out}", "run.executor=ray", "run.num_workers=2",
+                                            *overrides])
 
 
 class Killer:
@@ -104,23 +106,27 @@ def test_user_error_in_an_actor_is_one_clean_line(ray_session, tiny_job, tmp_pat
 @pytest.mark.parametrize(
     "resources, overrides, expected",
     [
-        ({"CPU": 2.0}, [], WorkerPlan(2, num_cpus=1.0, threads=2)),
-        ({"CPU": 8.0}, ["run.num_workers=2"], WorkerPlan(2, num_cpus=1.0, threads=4)),
+        ({"CPU": 2.0}, [], WorkerPlan(1, num_cpus=2.0, threads=2)),  # never single-threaded
+        ({"CPU": 64.0}, [], WorkerPlan(32, num_cpus=2.0, threads=2)),
+        ({"CPU": 3.0}, [], WorkerPlan(1, num_cpus=3.0, threads=3)),
+        ({"CPU": 8.0}, ["run.num_workers=2"], WorkerPlan(2, num_cpus=4.0, threads=4)),
+        ({"CPU": 2.0}, ["run.num_workers=2"], WorkerPlan(2, num_cpus=1.0, threads=2)),
         ({"CPU": 2.0}, ["run.num_workers=4"], WorkerPlan(4, num_cpus=0.5, threads=2)),
         ({"CPU": 64.0, "GPU": 8.0}, [], WorkerPlan(8, num_gpus=1.0, num_cpus=1.0)),
         ({"CPU": 8.0, "GPU": 8.0}, ["run.num_workers=3"], WorkerPlan(3, num_gpus=1.0, num_cpus=0.0)),
-        ({"CPU": 4.0, "GPU": 2.0}, ["run.device=cpu"], WorkerPlan(4, num_cpus=1.0, threads=2)),
+        ({"CPU": 4.0, "GPU": 2.0}, ["run.device=cpu"], WorkerPlan(2, num_cpus=2.0, threads=2)),
     ],
 )
 def test_worker_plan(tiny_job, resources, overrides, expected):
-    assert plan_workers(spec_for(tiny_job, Path("/tmp/x"), *overrides), resources) == expected
+    spec = build_spec(load_spec_file(tiny_job), ["run.executor=ray", *overrides])
+    assert plan_workers(spec, resources) == expected
 
 
 def test_worker_plan_refusals(tiny_job):
     with pytest.raises(UserError, match="cuda requested but the Ray cluster has no GPU"):
-        plan_workers(spec_for(tiny_job, Path("/tmp/x"), "run.device=cuda"), {"CPU": 4.0})
+        plan_workers(build_spec(load_spec_file(tiny_job), ["run.device=cuda"]), {"CPU": 4.0})
     with pytest.raises(UserError, match="0 CPUs"):
-        plan_workers(spec_for(tiny_job, Path("/tmp/x")), {"CPU": 0.0})
+        plan_workers(build_spec(load_spec_file(tiny_job)), {"CPU": 0.0})
 
 
 GiB = 1 << 30
