@@ -6,6 +6,9 @@ and one warm-up block per actor are not timed. Timed: phase 1 (propose: render, 
 over the same `--slots` identity slots, through the executor's own ordered producer. Baseline (same run):
 one worker; efficiency(n) = rate(n) / (n × rate(1)). The proposals of every worker count are compared
 byte for byte (they must be identical: placement never changes results).
+Control (same run, same resources): n Ray tasks of a fixed torch convolution workload, against one.
+Its speed-up is what the hardware gives n workers at that moment (on a shared machine, less than n);
+`vs machine` = speed-up / control speed-up separates the executor's overhead from the machine's.
 Without JOB.yaml the demo job is used (tiny seeded models, `facegen demo`), made in a temporary folder.
 """
 
@@ -93,6 +96,25 @@ def measure(spec, out, workers: int, slots: int, threads: int | None = None) -> 
                      "cpus_per_worker": plan.num_cpus, "threads_per_worker": plan.threads}, proposals
 
 
+def control_rate(workers: int, num_cpus: float, threads: int, iterations: int = 30) -> float:
+    """Convolutions/s of `workers` Ray tasks of a fixed torch workload running at once."""
+    import ray
+
+    def convolutions(count: int, num_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(num_threads)
+        x, w = torch.randn(16, 32, 32, 32), torch.randn(32, 32, 3, 3)
+        for _ in range(count):
+            torch.nn.functional.conv2d(x, w, padding=1)
+
+    task = ray.remote(convolutions).options(num_cpus=num_cpus)
+    ray.get([task.remote(2, threads) for _ in range(workers)])  # warm-up: workers started, torch loaded
+    started = time.perf_counter()
+    ray.get([task.remote(iterations, threads) for _ in range(workers)])
+    return workers * iterations / (time.perf_counter() - started)
+
+
 def same_proposals(a: list, b: list) -> bool:
     fields = ("slot", "condition", "anchor", "real_sim", "real_identity", "verdict")
     return len(a) == len(b) and all(
@@ -121,12 +143,16 @@ def run(args: argparse.Namespace) -> int:
                 seconds, plan, proposals = measure(spec, out, workers, args.slots, args.threads)
                 reference = reference or proposals
                 row = {**plan, "seconds": seconds, "candidates_per_s": args.slots / seconds,
-                       "identical_to_baseline": same_proposals(proposals, reference)}
+                       "identical_to_baseline": same_proposals(proposals, reference),
+                       "control_convolutions_per_s": control_rate(workers, plan["cpus_per_worker"],
+                                                                  plan["threads_per_worker"])}
                 results.append(row)
         base = results[0]
         for row in results:
             row["speedup"] = row["candidates_per_s"] / base["candidates_per_s"]
             row["efficiency"] = row["speedup"] / (row["workers"] / base["workers"])
+            row["machine_speedup"] = row["control_convolutions_per_s"] / base["control_convolutions_per_s"]
+            row["efficiency_vs_machine"] = row["speedup"] / row["machine_speedup"]
             print(format_row(row), flush=True)
     load = {"before": load_before, "after": _loadavg()}
     if args.address is None and max(load["before"], load["after"]) > (resources.get("CPU") or 1):
@@ -152,4 +178,5 @@ def format_row(row: dict) -> str:
     same = "identical" if row["identical_to_baseline"] else "DIFFERENT proposals!"
     return (f"{row['workers']:>3} workers ({device}, {row['threads_per_worker']} threads each): "
             f"{row['candidates_per_s']:8.2f} candidates/s  speed-up x{row['speedup']:.2f}  "
-            f"efficiency {row['efficiency']:.0%}  ({same})")
+            f"efficiency {row['efficiency']:.0%}  (machine x{row['machine_speedup']:.2f}, "
+            f"vs machine {row['efficiency_vs_machine']:.0%})  ({same})")

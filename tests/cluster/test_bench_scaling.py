@@ -23,6 +23,9 @@ def test_scaling_bench_reports_consistent_ratios(ray_session, tiny_job, tmp_path
     assert one["speedup"] == 1.0 and one["efficiency"] == 1.0
     assert two["speedup"] == pytest.approx(two["candidates_per_s"] / one["candidates_per_s"])
     assert two["efficiency"] == pytest.approx(two["speedup"] / 2)
+    assert two["efficiency_vs_machine"] == pytest.approx(two["speedup"] / two["machine_speedup"])
+    control = two["control_convolutions_per_s"] / one["control_convolutions_per_s"]
+    assert two["machine_speedup"] == pytest.approx(control)
     for row in (one, two):
         assert row["candidates_per_s"] == pytest.approx(96 / row["seconds"])
         assert row["threads_per_worker"] >= 2 and row["gpus_per_worker"] == 0
