@@ -116,6 +116,9 @@ class RunSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int | None = Field(None, ge=1)
     max_retries: int = Field(3, ge=0)
+    index_placement: Literal["auto", "replicated", "sharded"] = Field(
+        "auto", description="privacy index: a replica in every generator actor, or index-shard actors")
+    index_actors: int | None = Field(None, ge=1, description="index-shard actors (default: one per index shard)")
 
 
 class JobSpec(_Section):

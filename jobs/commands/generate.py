@@ -86,6 +86,8 @@ def resolve_spec(args: argparse.Namespace) -> JobSpec:
              if getattr(args, flag, None) is not None]
     if args.gpu_device_number is not None:
         flags.append("run.device=cuda")
+    if args.address and args.executor is None:
+        flags.append('run.executor="ray"')  # joining a cluster means running on it
     return build_spec(tree, flags + list(args.overrides))
 
 
