@@ -233,16 +233,16 @@ def format_validation_error(err: ValidationError, what: str = "job spec") -> str
     return f"invalid {what}: " + "; ".join(lines)
 
 
-def load_spec_file(path: str) -> dict[str, Any]:
+def load_spec_file(path: str, what: str = "job file") -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             tree = yaml.safe_load(handle) or {}
     except FileNotFoundError:
-        raise UserError(f"{path}: job file not found") from None
+        raise UserError(f"{path}: {what} not found") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(tree, dict):
-        raise UserError(f"{path}: a job file must be a mapping of keys")
+        raise UserError(f"{path}: a {what} must be a mapping of keys")
     return tree
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import yaml
-
+from engine.spec import load_spec_file
 from engine.training.launch import Prepared, prepare, run_local
 from engine.training.spec import TrainSpec, build_train_spec, train_spec_to_yaml
 from models.errors import UserError
@@ -120,16 +119,7 @@ def resolve_spec(args: argparse.Namespace) -> TrainSpec:
 
 
 def _load_tree(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            tree = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise UserError(f"{path}: training spec not found") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"{path}: a training spec must be a mapping of keys")
-    return tree
+    return load_spec_file(path, "training spec")
 
 
 def run(args: argparse.Namespace) -> int:
