@@ -13,7 +13,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import UserError
+from models.netconfig import config_from_dict
 
 RESIZE_MODES = ("bilinear_antialias", "bilinear", "bicubic_antialias", "area", "nearest")
 CHANNEL_ORDERS = ("RGB", "BGR")
@@ -66,11 +67,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Preprocessing:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"preprocessing: unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(data))
+        return config_from_dict(cls, dict(data), "preprocessing")
 
 
 def to_uint8_values(images: torch.Tensor) -> torch.Tensor:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from models.errors import UserError
+from models.netconfig import config_from_dict
 
 # Residual units per stage, keyed by depth (insightface's get_model names r18 ... r200).
 DEPTH_LAYERS: dict[int, tuple[int, int, int, int]] = {
@@ -71,11 +72,7 @@ class IResNetConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> IResNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"iresnet config: unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(data))
+        return config_from_dict(cls, dict(data), "iresnet config")
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
