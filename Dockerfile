@@ -26,7 +26,7 @@ RUN apt-get update \
 RUN pip install "torch==${TORCH_VERSION}" "ray[default,train]==${RAY_VERSION}"
 
 WORKDIR /opt/facegen
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY models ./models
 COPY engine ./engine
 COPY cluster ./cluster

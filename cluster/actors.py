@@ -21,11 +21,11 @@ import ray
 import torch
 from ray import exceptions as rex
 
-from engine.phases import Identities, Proposals, propose
-from engine.run import load_bundle, run_shard
-from engine.spec import JobSpec
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.phases import Identities, Proposals, propose
+from facegen.engine.run import load_bundle, run_shard
+from facegen.engine.spec import JobSpec
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 log = logging.getLogger("facegen")
 

@@ -27,7 +27,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from cluster.actors import (
+from facegen.cluster.actors import (
     GeneratorPool,
     RemoteGeneratorWorker,
     WorkerPlan,
@@ -35,15 +35,15 @@ from cluster.actors import (
     plan_workers,
     raise_user_error,
 )
-from cluster.remote_index import RemoteIndex
-from engine.bundle import resolve_device
-from engine.index.search import PrivacyIndex
-from engine.phases import Identities, Proposals
-from engine.run import COMPAT_INDEX_DIR, load_bundle, open_output, pending_shards, select_identities
-from engine.spec import JobSpec
-from engine.storage import Storage
-from engine.summary import finalize
-from models.errors import UserError
+from facegen.cluster.remote_index import RemoteIndex
+from facegen.engine.bundle import resolve_device
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.phases import Identities, Proposals
+from facegen.engine.run import COMPAT_INDEX_DIR, load_bundle, open_output, pending_shards, select_identities
+from facegen.engine.spec import JobSpec
+from facegen.engine.storage import Storage
+from facegen.engine.summary import finalize
+from facegen.models.errors import UserError
 
 log = logging.getLogger("facegen")
 

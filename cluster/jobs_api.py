@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.spec import JobSpec, spec_to_yaml
-from models.errors import UserError
+from facegen.engine.spec import JobSpec, spec_to_yaml
+from facegen.models.errors import UserError
 
 JOB_FILE = "job.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -20,7 +20,7 @@ import numpy as np
 import ray
 import torch
 
-from engine.index.search import IndexShard, PrivacyIndex, reduce_max
+from facegen.engine.index.search import IndexShard, PrivacyIndex, reduce_max
 
 
 @ray.remote

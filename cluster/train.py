@@ -20,13 +20,13 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from engine.storage import Storage
-from engine.training.context import TrainContext
-from engine.training.launch import Prepared
-from engine.training.loop import train
-from engine.training.snapshot import CHECKPOINT_DIR
-from engine.training.spec import TrainSpec
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.engine.training.context import TrainContext
+from facegen.engine.training.launch import Prepared
+from facegen.engine.training.loop import train
+from facegen.engine.training.snapshot import CHECKPOINT_DIR
+from facegen.engine.training.spec import TrainSpec
+from facegen.models.errors import UserError
 
 StepHook = Callable[[TrainContext, int], None]
 

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from engine.index.search import PrivacyIndex
-from engine.manifest import completed_shards
-from engine.reader import iter_batches
-from engine.shards import sample_key
-from engine.storage import Storage
-from models.embedder import FaceEmbedder
-from models.errors import UserError
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.manifest import completed_shards
+from facegen.engine.reader import iter_batches
+from facegen.engine.shards import sample_key
+from facegen.engine.storage import Storage
+from facegen.models.embedder import FaceEmbedder
+from facegen.models.errors import UserError
 
 
 @dataclass

@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.index.search import PrivacyIndex
-from engine.quality import Gate, no_gate
-from engine.seeding import Stream, draw_keys, normal
-from engine.shards import encode_image
-from engine.spec import JobSpec
-from models.embedder import FaceEmbedder
-from models.errors import UserError
-from models.generator import Generator, images_to_uint8
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.quality import Gate, no_gate
+from facegen.engine.seeding import Stream, draw_keys, normal
+from facegen.engine.shards import encode_image
+from facegen.engine.spec import JobSpec
+from facegen.models.embedder import FaceEmbedder
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator, images_to_uint8
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

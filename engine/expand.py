@@ -17,9 +17,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from engine.bundle import Bundle
-from engine.phases import ExpandedShard, Identities
-from engine.seeding import Stream, draw_keys
+from facegen.engine.bundle import Bundle
+from facegen.engine.phases import ExpandedShard, Identities
+from facegen.engine.seeding import Stream, draw_keys
 
 
 def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> ExpandedShard:

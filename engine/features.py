@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.index.sources import IMAGE_EXTENSIONS, decode_image, embed_image_batch
-from engine.storage import Storage
-from models.embedder import FaceEmbedder
-from models.errors import UserError
+from facegen.engine.index.sources import IMAGE_EXTENSIONS, decode_image, embed_image_batch
+from facegen.engine.storage import Storage
+from facegen.models.embedder import FaceEmbedder
+from facegen.models.errors import UserError
 
 FEATURES_FILE = "identity_features.json"
 NIR_FEATURES_FILE = "identity_features_nir.json"

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.phases import Identities
-from engine.storage import Storage
+from facegen.engine.phases import Identities
+from facegen.engine.storage import Storage
 
 IDENTITIES_FILE = "identities.parquet"
 

@@ -15,8 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 MARKER_VERSION = 1
 SHARDS_DIR = "shards"

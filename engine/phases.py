@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.bundle import Bundle
-from engine.seeding import Stream, draw_keys, random_directions
+from facegen.engine.bundle import Bundle
+from facegen.engine.seeding import Stream, draw_keys, random_directions
 
 # Rejection reasons, in the order they are checked: a candidate counts under the first it fails.
 REASONS = ("invalid", "privacy", "separability", "same", "quality", "diversity")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 Gate = Callable[[np.ndarray], np.ndarray]  # uint8 [N, H, W, 3] RGB -> bool [N]
 

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from engine.manifest import FIXED_SCHEMA, completed_shards, manifest_path, shard_path
-from engine.shards import ShardBatch, default_workers
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.manifest import FIXED_SCHEMA, completed_shards, manifest_path, shard_path
+from facegen.engine.shards import ShardBatch, default_workers
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 _VIS_EXTS = ("vis.png", "vis.jpg", "vis.webp")
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from engine.shards import to_jsonable
-from engine.storage import Storage
+from facegen.engine.shards import to_jsonable
+from facegen.engine.storage import Storage
 
 CERTIFICATE_FIELDS = ("index_fingerprint", "threshold", "max_real_similarity", "violations")
 CERTIFICATE_KEYS = ("privacy_certificate", "privacy")  # the report key holding the certificate

@@ -16,17 +16,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.bundle import Bundle, check_compatible, resolve_device
-from engine.expand import expand_shard
-from engine.identities import IDENTITIES_FILE, read_identities, write_identities
-from engine.index.search import PrivacyIndex
-from engine.manifest import completed_shards, is_complete, remove_incomplete
-from engine.phases import Identities, Proposals, Selection, propose
-from engine.quality import make_quality_gate
-from engine.shards import ShardBatch, write_shard
-from engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
-from engine.storage import Storage
-from models.errors import JobFailed, UserError
+from facegen.engine.bundle import Bundle, check_compatible, resolve_device
+from facegen.engine.expand import expand_shard
+from facegen.engine.identities import IDENTITIES_FILE, read_identities, write_identities
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.manifest import completed_shards, is_complete, remove_incomplete
+from facegen.engine.phases import Identities, Proposals, Selection, propose
+from facegen.engine.quality import make_quality_gate
+from facegen.engine.shards import ShardBatch, write_shard
+from facegen.engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
+from facegen.engine.storage import Storage
+from facegen.models.errors import JobFailed, UserError
 
 log = logging.getLogger("facegen")
 
@@ -57,7 +57,7 @@ def open_output(spec: JobSpec, resume: bool) -> Storage:
 
 def load_bundle(spec: JobSpec, out: Storage | None = None) -> Bundle:
     """Load generator, embedder and index; refuse incompatible combinations before any work."""
-    from models.loading import load_embedder, load_generator
+    from facegen.models.loading import load_embedder, load_generator
 
     device = resolve_device(spec.run.device)
     generator = load_generator(spec.generator.path).to(device).eval().requires_grad_(False)
@@ -74,8 +74,8 @@ def open_index(spec: JobSpec, embedder: Any, out: Storage | None) -> PrivacyInde
     if spec.index.uri:
         return PrivacyIndex.open(spec.index.uri, spec.index.storage_options, **options)
     # Compat: the original's identity_features.json, enrolled once into the dataset's own folder.
-    from engine.index.build import build_index
-    from engine.index.sources import embeddings_from_identity_features
+    from facegen.engine.index.build import build_index
+    from facegen.engine.index.sources import embeddings_from_identity_features
 
     if out is None:
         raise UserError("index.features needs an output location to hold the enrolled index")
@@ -173,7 +173,7 @@ def run_local(spec: JobSpec, resume: bool = False, progress: bool = True) -> dic
     todo = pending_shards(spec, out, len(identities))
     for shard_id in tqdm(todo, desc="shards", unit="shard", disable=not progress):
         run_shard(bundle, identities, out, shard_id)
-    from engine.summary import finalize
+    from facegen.engine.summary import finalize
 
     return finalize(spec, out, identities, selection, bundle.index)
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from engine.manifest import (
+from facegen.engine.manifest import (
     FIXED_SCHEMA,
     MARKER_VERSION,
     MEMBER_FIELDS,
@@ -38,7 +38,7 @@ from engine.manifest import (
     shard_path,
     write_marker,
 )
-from engine.storage import Storage
+from facegen.engine.storage import Storage
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 _TAR_MTIME = 0  # fixed: a rerun must not depend on the clock

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 
 class Storage:

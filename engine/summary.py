@@ -10,13 +10,13 @@ from collections import Counter
 
 import numpy as np
 
-from engine.index.search import PrivacyIndex
-from engine.manifest import completed_shards
-from engine.phases import Identities
-from engine.reader import iter_dataset, read_manifest
-from engine.report import write_report
-from engine.spec import JobSpec, spec_hash
-from engine.storage import Storage
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.manifest import completed_shards
+from facegen.engine.phases import Identities
+from facegen.engine.reader import iter_dataset, read_manifest
+from facegen.engine.report import write_report
+from facegen.engine.spec import JobSpec, spec_hash
+from facegen.engine.storage import Storage
 
 
 def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dict, index: PrivacyIndex) -> dict:

@@ -6,10 +6,10 @@ import argparse
 import importlib
 import sys
 
-from models.errors import JobFailed, UserError
+from facegen.models.errors import JobFailed, UserError
 
-# Sub-command modules, in the order `facegen --help` lists them. A module that is missing (a feature
-# not installed yet) is skipped rather than breaking the whole CLI.
+# Sub-command modules, in the order `facegen --help` lists them. Every one must import: a broken or
+# missing module is an installation error, never a silently absent command.
 COMMAND_MODULES = [
     "demo",
     "generate",
@@ -32,20 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
             "from a laptop to a Ray cluster."
         ),
     )
-    register_modules(parser.add_subparsers(dest="command", metavar="COMMAND"), "jobs.commands", COMMAND_MODULES)
+    register_modules(parser.add_subparsers(dest="command", metavar="COMMAND"), "facegen.jobs.commands", COMMAND_MODULES)
     return parser
 
 
 def register_modules(subparsers: argparse._SubParsersAction, package: str, names: list[str]) -> None:
-    """Let each `package.name` module add its parsers; a module that does not exist is skipped."""
+    """Let each `package.name` module add its parsers."""
     for name in names:
-        try:
-            module = importlib.import_module(f"{package}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"{package}.{name}":
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"{package}.{name}").register(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 import yaml
 
-from engine.index.build import build_index
-from engine.seeding import Stream, draw_keys, normal, random_directions
-from engine.spec import JobSpec, build_spec
-from engine.storage import Storage
-from models.checkpoint import save_native
-from models.embedder import FaceEmbedder
-from models.generator import Generator, GeneratorConfig, images_to_uint8
-from models.iresnet import IResNet, IResNetConfig
-from models.loading import load_embedder
+from facegen.engine.index.build import build_index
+from facegen.engine.seeding import Stream, draw_keys, normal, random_directions
+from facegen.engine.spec import JobSpec, build_spec
+from facegen.engine.storage import Storage
+from facegen.models.checkpoint import save_native
+from facegen.models.embedder import FaceEmbedder
+from facegen.models.generator import Generator, GeneratorConfig, images_to_uint8
+from facegen.models.iresnet import IResNet, IResNetConfig
+from facegen.models.loading import load_embedder
 
 EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
 EMBEDDING_DIM = 64
@@ -57,7 +57,7 @@ def enrol_population(generator: Generator, embedder: FaceEmbedder, target: Stora
 
 def prepare_demo(folder: str | Path) -> JobSpec:
     """Write models, index and `job.yaml` under `folder`; return the job's spec."""
-    from models.loading import load_generator
+    from facegen.models.loading import load_generator
 
     folder = Path(folder).resolve()
     generator_path, embedder_path = demo_models(folder / "models")

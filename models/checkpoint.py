@@ -21,10 +21,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from models.discriminator import Discriminator, DiscriminatorConfig
-from models.errors import UserError
-from models.generator import Generator, GeneratorConfig
-from models.iresnet import IResNet, IResNetConfig
+from facegen.models.discriminator import Discriminator, DiscriminatorConfig
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.iresnet import IResNet, IResNetConfig
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "facegen_format"

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from models.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
-from models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
-from models.ops import downsample2d, fp16_supported, setup_filter
+from facegen.models.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
+from facegen.models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
+from facegen.models.ops import downsample2d, fp16_supported, setup_filter
 
 ARCHITECTURES = ("orig", "skip", "resnet")
 

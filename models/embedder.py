@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import UserError
-from models.netconfig import config_from_dict
+from facegen.models.errors import UserError
+from facegen.models.netconfig import config_from_dict
 
 RESIZE_MODES = ("bilinear_antialias", "bilinear", "bicubic_antialias", "area", "nearest")
 CHANNEL_ORDERS = ("RGB", "BGR")

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from models.layers import MappingNetwork
-from models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
-from models.synthesis import SynthesisNetwork
+from facegen.models.layers import MappingNetwork
+from facegen.models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
+from facegen.models.synthesis import SynthesisNetwork
 
 
 @dataclass(frozen=True)

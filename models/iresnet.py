@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.errors import UserError
-from models.netconfig import config_from_dict
+from facegen.models.errors import UserError
+from facegen.models.netconfig import config_from_dict
 
 # Residual units per stage, keyed by depth (insightface's get_model names r18 ... r200).
 DEPTH_LAYERS: dict[int, tuple[int, int, int, int]] = {

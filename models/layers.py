@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from models.ops import ACTIVATIONS, bias_act, conv2d_resample, normalize_2nd_moment, setup_filter
+from facegen.models.ops import ACTIVATIONS, bias_act, conv2d_resample, normalize_2nd_moment, setup_filter
 
 
 class FullyConnectedLayer(torch.nn.Module):

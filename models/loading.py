@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import family_of, load_native, read_native_header
-from models.embedder import FaceEmbedder, OnnxEmbedder, Preprocessing, TorchEmbedder
-from models.errors import UserError
-from models.generator import Generator
-from models.importers.insightface import load_insightface_pth
-from models.importers.rosinality import load_rosinality
-from models.importers.stylegan_pickle import NETWORK_KEYS, load_stylegan_pickle
-from models.iresnet import IResNet
+from facegen.models.checkpoint import family_of, load_native, read_native_header
+from facegen.models.embedder import FaceEmbedder, OnnxEmbedder, Preprocessing, TorchEmbedder
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator
+from facegen.models.importers.insightface import load_insightface_pth
+from facegen.models.importers.rosinality import load_rosinality
+from facegen.models.importers.stylegan_pickle import NETWORK_KEYS, load_stylegan_pickle
+from facegen.models.iresnet import IResNet
 
 FORMATS = ("native", "stylegan_pickle", "rosinality", "insightface", "onnx")
 # torch.save's legacy (non-zip) files start with this pickled magic number (protocol 2, a long).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 
 def config_from_dict(cls: type, d: Any, what: str) -> Any:

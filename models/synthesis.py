@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from models.layers import FullyConnectedLayer
-from models.ops import ACTIVATIONS, bias_act, fp16_supported, modulated_conv2d, setup_filter, upsample2d
+from facegen.models.layers import FullyConnectedLayer
+from facegen.models.ops import ACTIVATIONS, bias_act, fp16_supported, modulated_conv2d, setup_filter, upsample2d
 
 NOISE_MODES = ("random", "const", "none")
 StyleDict = dict[str, torch.Tensor]

@@ -4,9 +4,9 @@ See docs/index.md. Nothing here imports Ray: `IndexShard` objects and `reduce_ma
 cluster layer distributes (one shard per actor, fan-out, max-reduce).
 """
 
-from engine.index.backends import BACKENDS, faiss_has_gpu
-from engine.index.build import build_index, plan_shards
-from engine.index.calibrate import (
+from facegen.engine.index.backends import BACKENDS, faiss_has_gpu
+from facegen.engine.index.build import build_index, plan_shards
+from facegen.engine.index.calibrate import (
     DEFAULT_COMPAT_THRESHOLDS,
     DEFAULT_FMRS,
     CalibrationScores,
@@ -14,15 +14,15 @@ from engine.index.calibrate import (
     calibration_scores,
     threshold_at_fmr,
 )
-from engine.index.prune import ClusteredShard
-from engine.index.search import IndexShard, PrivacyIndex, reduce_max, reduce_topk
-from engine.index.sources import (
+from facegen.engine.index.prune import ClusteredShard
+from facegen.engine.index.search import IndexShard, PrivacyIndex, reduce_max, reduce_topk
+from facegen.engine.index.sources import (
     EmbeddingSource,
     embeddings_from_identity_features,
     embeddings_from_images,
     embeddings_from_table,
 )
-from engine.index.store import FORMAT_VERSION, IndexInfo, ShardInfo, normalize_rows
+from facegen.engine.index.store import FORMAT_VERSION, IndexInfo, ShardInfo, normalize_rows
 
 __all__ = [
     "BACKENDS",

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 BACKENDS = ("auto", "faiss", "torch", "numpy")
 # Largest similarity block (queries x rows) materialised at once: 2^25 float32 = 128 MiB.

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from engine.index.store import (
+from facegen.engine.index.store import (
     INDEX_JSON,
     SHARD_DIR,
     IndexInfo,
@@ -22,8 +22,8 @@ from engine.index.store import (
     write_info,
     write_shard,
 )
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 INVALID_ROW = "non-finite or zero-norm embedding"
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.index.store import read_info, write_info
-from models.errors import UserError
+from facegen.engine.index.store import read_info, write_info
+from facegen.models.errors import UserError
 
 # ArcBiFaceGAN's hard-coded cosine thresholds for its ArcFace model (SPEC §4): privacy 0.776 - 2*0.077
 # (a sample must stay at or below it against every real identity), diversity 0.776 + 0.077.

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.index.backends import FaissBackend, NumpyBackend, TorchBackend, merge_topk, resolve_backend
-from engine.index.store import (
+from facegen.engine.index.backends import FaissBackend, NumpyBackend, TorchBackend, merge_topk, resolve_backend
+from facegen.engine.index.store import (
     NORM_TOLERANCE,
     IndexInfo,
     ShardInfo,
@@ -28,8 +28,8 @@ from engine.index.store import (
     read_shard_labels,
     read_shard_vectors,
 )
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 
 def _prepare_queries(queries: Any, dim: int, backend: str, device: str) -> tuple[Any, np.ndarray]:
@@ -179,7 +179,7 @@ class IndexShard:
         (sims, global rows, fraction of this shard's comparisons done). Sims and rows equal
         `max_similarity`'s wherever sims > tau. Clusters are built on first use (CPU, k-means)."""
         if self._clustered is None:
-            from engine.index.prune import ClusteredShard
+            from facegen.engine.index.prune import ClusteredShard
 
             self._clustered = ClusteredShard.build(self.vectors(), offset=self.offset, num_clusters=num_clusters)
         q, finite = _prepare_queries(queries, self.dim, "numpy", "cpu")

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 BAD_NAME = "file name is not {identity}_{sample}.ext"

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from engine.storage import Storage
-from engine.training.snapshot import CHECKPOINT_DIR, CHECKPOINT_PATTERN, upload_folder
+from facegen.engine.storage import Storage
+from facegen.engine.training.snapshot import CHECKPOINT_DIR, CHECKPOINT_PATTERN, upload_folder
 
 ReportFn = Callable[[dict[str, Any], "str | None"], None]
 

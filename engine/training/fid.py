@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from models.generator import images_to_uint8
+from facegen.models.generator import images_to_uint8
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # float images in [0, 1], [N, 3, H, W] -> [N, D]
 
@@ -90,7 +90,7 @@ class FidMetric:
     def __init__(self, metrics_spec, device: torch.device, features: FeatureFn | None = None) -> None:
         self.spec, self.device = metrics_spec, device
         if features is None:
-            from engine.training.inception import load_fid_inception
+            from facegen.engine.training.inception import load_fid_inception
 
             net = load_fid_inception(metrics_spec.fid_weights).to(device)
             features = lambda x: net(x.to(device))  # noqa: E731

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 
 class BasicConv2d(nn.Module):

@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from engine.storage import Storage
-from engine.training.context import local_context, pick_device
-from engine.training.data import open_training_data
-from engine.training.loop import train
-from engine.training.presets import Hyperparams
-from engine.training.rundir import describe, next_run_name
-from engine.training.spec import TrainSpec, resolve_hyperparams
-from engine.training.state import find_start
+from facegen.engine.storage import Storage
+from facegen.engine.training.context import local_context, pick_device
+from facegen.engine.training.data import open_training_data
+from facegen.engine.training.loop import train
+from facegen.engine.training.presets import Hyperparams
+from facegen.engine.training.rundir import describe, next_run_name
+from facegen.engine.training.spec import TrainSpec, resolve_hyperparams
+from facegen.engine.training.state import find_start
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def run_local(spec: TrainSpec, prepared: Prepared, device: str | None = None) ->
     run = Storage(prepared.run_uri, spec.output.storage_options)
     target = pick_device(device or spec.run.device)
     if target.type == "cuda" and not torch.cuda.is_available():
-        from models.errors import UserError
+        from facegen.models.errors import UserError
 
         raise UserError("run.device: cuda requested but no CUDA device is available")
     ctx = local_context(run, target, spec.schedule.keep_checkpoints)

@@ -19,18 +19,18 @@ from typing import Any
 
 import torch
 
-from engine.storage import Storage
-from engine.training import distributed as dist
-from engine.training.augment import AdaController, augment_pipe_from_name
-from engine.training.context import TrainContext
-from engine.training.data import TrainingData, open_training_data
-from engine.training.loss import ArcBiFaceLoss, LossConfig
-from engine.training.presets import Hyperparams
-from engine.training.rundir import RunDir
-from engine.training.spec import TrainSpec, resolve_hyperparams
-from engine.training.state import find_start, load_optimizers, make_optimizers
-from engine.training.stats import TickStats
-from engine.training.ticks import TickWork
+from facegen.engine.storage import Storage
+from facegen.engine.training import distributed as dist
+from facegen.engine.training.augment import AdaController, augment_pipe_from_name
+from facegen.engine.training.context import TrainContext
+from facegen.engine.training.data import TrainingData, open_training_data
+from facegen.engine.training.loss import ArcBiFaceLoss, LossConfig
+from facegen.engine.training.presets import Hyperparams
+from facegen.engine.training.rundir import RunDir
+from facegen.engine.training.spec import TrainSpec, resolve_hyperparams
+from facegen.engine.training.state import find_start, load_optimizers, make_optimizers
+from facegen.engine.training.stats import TickStats
+from facegen.engine.training.ticks import TickWork
 
 
 @dataclass

@@ -14,9 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from models.discriminator import DiscriminatorConfig
-from models.errors import UserError
-from models.generator import GeneratorConfig
+from facegen.models.discriminator import DiscriminatorConfig
+from facegen.models.errors import UserError
+from facegen.models.generator import GeneratorConfig
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.storage import Storage
+from facegen.engine.storage import Storage
 
 LOG_FILE = "log.txt"
 STATS_FILE = "stats.jsonl"

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from engine.storage import Storage
-from models.checkpoint import load_native, save_native
-from models.discriminator import Discriminator
-from models.errors import UserError
-from models.generator import Generator
+from facegen.engine.storage import Storage
+from facegen.models.checkpoint import load_native, save_native
+from facegen.models.discriminator import Discriminator
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator
 
 FORMAT = 1
 NETWORKS = {"G": Generator, "G_ema": Generator, "D": Discriminator, "D_NIR": Discriminator}

@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from engine.spec import validate_tree
-from engine.training.presets import Hyperparams, resolve
+from facegen.engine.spec import validate_tree
+from facegen.engine.training.presets import Hyperparams, resolve
 
 
 class _Section(BaseModel):

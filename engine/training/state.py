@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from engine.training.presets import Hyperparams, discriminator_configs, generator_config
-from engine.training.snapshot import fetch_resume_source, load_snapshot
-from models.discriminator import Discriminator
-from models.errors import UserError
-from models.generator import Generator
-from models.loading import load_training_state
+from facegen.engine.training.presets import Hyperparams, discriminator_configs, generator_config
+from facegen.engine.training.snapshot import fetch_resume_source, load_snapshot
+from facegen.models.discriminator import Discriminator
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator
+from facegen.models.loading import load_training_state
 
 NETWORK_NAMES = ("G", "G_ema", "D", "D_NIR")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.training.distributed import all_reduce_sum_
+from facegen.engine.training.distributed import all_reduce_sum_
 
 
 class TickStats:

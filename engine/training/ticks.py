@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.training import distributed as dist
-from engine.training.rundir import default_grid
-from engine.training.snapshot import checkpoint_name, save_snapshot, snapshot_name, upload_folder
-from engine.training.stats import scalar
-from models.generator import images_to_uint8
+from facegen.engine.training import distributed as dist
+from facegen.engine.training.rundir import default_grid
+from facegen.engine.training.snapshot import checkpoint_name, save_snapshot, snapshot_name, upload_folder
+from facegen.engine.training.stats import scalar
+from facegen.models.generator import images_to_uint8
 
 if TYPE_CHECKING:
-    from engine.training.loop import Trainer
+    from facegen.engine.training.loop import Trainer
 
 
 def format_time(seconds: float) -> str:
@@ -59,7 +59,7 @@ class TickWork:
     def begin(self) -> None:
         t, out = self.t, self.t.out
         if t.spec.metrics.fid_weights and t.ctx.is_main:
-            from engine.training.fid import FidMetric
+            from facegen.engine.training.fid import FidMetric
 
             self.fid = FidMetric(t.spec.metrics, t.device)
         if out is None:

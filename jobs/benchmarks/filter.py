@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.index import DEFAULT_COMPAT_THRESHOLDS, IndexShard, faiss_has_gpu, reduce_max
-from models.errors import UserError
+from facegen.engine.index import DEFAULT_COMPAT_THRESHOLDS, IndexShard, faiss_has_gpu, reduce_max
+from facegen.models.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -156,7 +156,7 @@ def time_backend(vectors: np.ndarray, queries: np.ndarray, backend: str, args: a
 def time_pruned(vectors: np.ndarray, queries: np.ndarray, args: argparse.Namespace
                 ) -> tuple[float, float, float, tuple[np.ndarray, np.ndarray]]:
     """(seconds per candidate, fraction of comparisons done, build seconds, answer) of the pruned path."""
-    from engine.index.prune import ClusteredShard
+    from facegen.engine.index.prune import ClusteredShard
 
     clusters = len(vectors) // args.per_identity if args.data == "clustered" else None
     start = time.perf_counter()

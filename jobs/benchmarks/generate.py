@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.bundle import Bundle
-from engine.index.build import build_index
-from engine.index.search import PrivacyIndex
-from engine.phases import conditions_for
-from engine.seeding import Stream, draw_keys, normal
-from engine.spec import build_spec
-from engine.storage import Storage
-from models.embedder import Preprocessing, TorchEmbedder
-from models.generator import Generator, GeneratorConfig, images_to_uint8
-from models.iresnet import IResNet, IResNetConfig
+from facegen.engine.bundle import Bundle
+from facegen.engine.index.build import build_index
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.phases import conditions_for
+from facegen.engine.seeding import Stream, draw_keys, normal
+from facegen.engine.spec import build_spec
+from facegen.engine.storage import Storage
+from facegen.models.embedder import Preprocessing, TorchEmbedder
+from facegen.models.generator import Generator, GeneratorConfig, images_to_uint8
+from facegen.models.iresnet import IResNet, IResNetConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

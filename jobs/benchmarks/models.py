@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.embedder import Preprocessing, TorchEmbedder
-from models.errors import UserError
-from models.generator import Generator, GeneratorConfig
-from models.iresnet import DEPTH_LAYERS, IResNet, IResNetConfig
+from facegen.models.embedder import Preprocessing, TorchEmbedder
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.iresnet import DEPTH_LAYERS, IResNet, IResNetConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONDITION_NORM = 4.0  # ArcBiFaceGAN's condition: a random direction of norm 4 (SPEC §4)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,11 +57,11 @@ def parse_workers(text: str) -> list[int]:
 
 
 def load_spec(args: argparse.Namespace, folder: Path):
-    from engine.spec import build_spec, load_spec_file
+    from facegen.engine.spec import build_spec, load_spec_file
 
     if args.job:
         return build_spec(load_spec_file(args.job), args.overrides)
-    from jobs.demo import prepare_demo
+    from facegen.jobs.demo import prepare_demo
 
     demo = prepare_demo(folder / "demo")
     return build_spec(json.loads(demo.model_dump_json()), args.overrides)
@@ -71,9 +71,9 @@ def measure(spec, out, workers: int, slots: int, threads: int | None = None) -> 
     """(seconds, plan, proposals) for `workers` actors proposing slots 0..slots-1 in executor blocks."""
     import ray
 
-    from cluster.actors import GeneratorPool, RemoteGeneratorWorker, plan_workers
-    from cluster.executor import IN_FLIGHT_PER_ACTOR, ProposeMany
-    from engine.run import proposal_blocks
+    from facegen.cluster.actors import GeneratorPool, RemoteGeneratorWorker, plan_workers
+    from facegen.cluster.executor import IN_FLIGHT_PER_ACTOR, ProposeMany
+    from facegen.engine.run import proposal_blocks
 
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"num_workers": workers})})
     plan = plan_workers(spec, ray.cluster_resources())
@@ -124,8 +124,8 @@ def same_proposals(a: list, b: list) -> bool:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.executor import ray_connection
-    from engine.storage import Storage
+    from facegen.cluster.executor import ray_connection
+    from facegen.engine.storage import Storage
 
     counts = parse_workers(args.workers)
     if args.slots < 1 or (args.threads is not None and args.threads < 1):

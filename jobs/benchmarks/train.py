@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.storage import Storage
-from engine.training.context import TrainContext
-from engine.training.loop import Trainer
-from engine.training.spec import build_train_spec
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.engine.training.context import TrainContext
+from facegen.engine.training.loop import Trainer
+from facegen.engine.training.spec import build_train_spec
+from facegen.models.errors import UserError
 
 UPSTREAM_V100_256 = (21.6, 24.2)  # s/kimg, StyleGAN2-ADA README, 1 GPU
 

@@ -6,12 +6,12 @@ import argparse
 import json
 import sys
 
-from engine.audit import audit_dataset, write_audit
-from engine.index.search import PrivacyIndex
-from engine.spec import load_spec_yaml_text
-from engine.storage import Storage
-from models.errors import UserError
-from models.loading import load_embedder
+from facegen.engine.audit import audit_dataset, write_audit
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.spec import load_spec_yaml_text
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
+from facegen.models.loading import load_embedder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

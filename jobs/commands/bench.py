@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Benchmarks. Each prints absolute rates and the ratio to a baseline measured in the same run."
         ),
     )
-    from jobs.cli import register_modules
+    from facegen.jobs.cli import register_modules
 
-    register_modules(parser.add_subparsers(dest="benchmark", metavar="BENCHMARK"), "jobs.benchmarks", BENCHMARKS)
+    register_modules(parser.add_subparsers(dest="benchmark", metavar="BENCHMARK"), "facegen.jobs.benchmarks", BENCHMARKS)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands.models import describe, print_summary
-from models.checkpoint import save_native
-from models.loading import detect_format, load_module
+from facegen.jobs.commands.models import describe, print_summary
+from facegen.models.checkpoint import save_native
+from facegen.models.loading import detect_format, load_module
 
 
 def run_convert(args: argparse.Namespace) -> int:

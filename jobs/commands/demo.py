@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.commands.generate import execute, print_summary
-    from jobs.demo import prepare_demo
+    from facegen.jobs.commands.generate import execute, print_summary
+    from facegen.jobs.demo import prepare_demo
 
     spec = prepare_demo(args.out)
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"executor": args.executor})})

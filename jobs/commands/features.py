@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from engine.features import FEATURES_FILE, MODES, NIR_FEATURES_FILE, compute_identity_features
-from jobs.commands.index import parse_storage_options
+from facegen.engine.features import FEATURES_FILE, MODES, NIR_FEATURES_FILE, compute_identity_features
+from facegen.jobs.commands.index import parse_storage_options
 
 SHOW = 10  # skipped/failed files listed by name; the rest are counted
 
@@ -43,7 +43,7 @@ def _list(title: str, items: list[tuple[str, str]]) -> None:
 
 
 def run_features(args: argparse.Namespace) -> int:
-    from models.loading import load_embedder
+    from facegen.models.loading import load_embedder
 
     embedder = load_embedder(args.embedder).to(args.device)
     result = compute_identity_features(args.data, embedder, mode=args.mode, batch_size=args.batch,

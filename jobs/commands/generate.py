@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from engine.spec import JobSpec, build_spec, load_spec_file, spec_hash, spec_to_yaml
-from models.errors import UserError
+from facegen.engine.spec import JobSpec, build_spec, load_spec_file, spec_hash, spec_to_yaml
+from facegen.models.errors import UserError
 
 # The original generate_recognition_data.py flags (and the ones for what it hard-coded) -> spec keys.
 COMPAT_FLAGS = {
@@ -116,11 +116,11 @@ def execute(spec: JobSpec, resume: bool) -> dict:
     progress = sys.stderr.isatty()
     if spec.run.executor == "ray":
         try:
-            from cluster.executor import run_ray
+            from facegen.cluster.executor import run_ray
         except ModuleNotFoundError as err:
             raise UserError("run.executor: the Ray executor is not available in this build; "
                             "use --executor local") from err
         return run_ray(spec, resume=resume, progress=progress)
-    from engine.run import run_local
+    from facegen.engine.run import run_local
 
     return run_local(spec, resume=resume, progress=progress)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.index import (
+from facegen.engine.index import (
     BACKENDS,
     DEFAULT_FMRS,
     PrivacyIndex,
@@ -19,8 +19,8 @@ from engine.index import (
     embeddings_from_table,
     normalize_rows,
 )
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 SHOW_SKIPPED = 10  # skipped files listed by name; the rest are counted
 
@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_embedder(path: str, device: str):
-    from models.loading import load_embedder
+    from facegen.models.loading import load_embedder
 
     return load_embedder(path).to(device)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import FAMILIES, family_of, fingerprint_module, save_native
-from models.errors import UserError
-from models.loading import detect_format, load_module
+from facegen.models.checkpoint import FAMILIES, family_of, fingerprint_module, save_native
+from facegen.models.errors import UserError
+from facegen.models.loading import detect_format, load_module
 
 
 def _nir(value: Any) -> int:
@@ -100,7 +100,7 @@ def _onnx_info(path: Path) -> dict[str, Any]:
     import numpy as np
     import onnx
 
-    from models.embedder import OnnxEmbedder
+    from facegen.models.embedder import OnnxEmbedder
 
     model = onnx.load(str(path))
     embedder = OnnxEmbedder(str(path))

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from engine.spec import build_spec, load_spec_file
+from facegen.engine.spec import build_spec, load_spec_file
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from cluster import jobs_api
+    from facegen.cluster import jobs_api
 
     overrides = list(args.overrides) + ([f"output.uri={json.dumps(args.out)}"] if args.out else [])
     spec = build_spec(load_spec_file(args.job), overrides)
@@ -62,7 +62,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from cluster import jobs_api
+    from facegen.cluster import jobs_api
 
     info = jobs_api.status(args.address, args.job_id, args.token)
     if args.json:
@@ -73,7 +73,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from cluster import jobs_api
+    from facegen.cluster import jobs_api
 
     if not args.follow:
         sys.stdout.write(jobs_api.logs(args.address, args.job_id, args.token))
@@ -85,7 +85,7 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    from cluster import jobs_api
+    from facegen.cluster import jobs_api
 
     stopped = jobs_api.stop(args.address, args.job_id, args.token)
     print(f"{args.job_id}: {'stop requested' if stopped else 'already ended'}")

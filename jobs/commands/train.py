@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.spec import load_spec_file
-from engine.training.launch import Prepared, prepare, run_local
-from engine.training.spec import TrainSpec, build_train_spec, train_spec_to_yaml
-from models.errors import UserError
+from facegen.engine.spec import load_spec_file
+from facegen.engine.training.launch import Prepared, prepare, run_local
+from facegen.engine.training.spec import TrainSpec, build_train_spec, train_spec_to_yaml
+from facegen.models.errors import UserError
 
 # The original training.py flags -> spec keys (values pass through YAML parsing, so 0/1 work as bools).
 COMPAT_FLAGS = {
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def execute(spec: TrainSpec, prepared: Prepared) -> dict:
     if spec.run.executor == "ray":
-        from cluster.train import run_ray_training
+        from facegen.cluster.train import run_ray_training
 
         return run_ray_training(spec, prepared)
     return run_local(spec, prepared)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from models.errors import UserError
-from models.iresnet import IResNet, iresnet_config_from_state_dict
+from facegen.models.errors import UserError
+from facegen.models.iresnet import IResNet, iresnet_config_from_state_dict
 
 # DataParallel/DDP wrappers save keys with this prefix; insightface itself saves the bare module.
 _WRAPPER_PREFIX = "module."

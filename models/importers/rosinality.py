@@ -43,9 +43,9 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_state_dict_checked
-from models.errors import UnsafeCheckpointError, UserError
-from models.generator import Generator, GeneratorConfig
+from facegen.models.checkpoint import load_state_dict_checked
+from facegen.models.errors import UnsafeCheckpointError, UserError
+from facegen.models.generator import Generator, GeneratorConfig
 
 MAPPING_LR_MULTIPLIER = 0.01  # rosinality's Generator(lr_mlp=0.01); not recoverable from the tensors
 W_AVG_SAMPLES = 4096  # rosinality's generate.py: mean_latent(4096), used when latent_avg is absent

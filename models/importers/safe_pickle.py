@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import UnsafeCheckpointError, UserError
+from facegen.models.errors import UnsafeCheckpointError, UserError
 
 
 @dataclass

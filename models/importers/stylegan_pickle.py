@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import load_state_dict_checked
-from models.discriminator import Discriminator, DiscriminatorConfig
-from models.errors import UserError
-from models.generator import Generator, GeneratorConfig
-from models.importers.safe_pickle import ModuleRecord, PersistentRecord, load_restricted_pickle
+from facegen.models.checkpoint import load_state_dict_checked
+from facegen.models.discriminator import Discriminator, DiscriminatorConfig
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.importers.safe_pickle import ModuleRecord, PersistentRecord, load_restricted_pickle
 
 NETWORK_KEYS = ("G", "D", "G_ema", "D_NIR")
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from jobs.benchmarks.scaling import parse_workers
-from jobs.cli import main
-from models.errors import UserError
+from facegen.jobs.benchmarks.scaling import parse_workers
+from facegen.jobs.cli import main
+from facegen.models.errors import UserError
 
 pytestmark = pytest.mark.ray
 

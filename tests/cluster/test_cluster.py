@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import jobs_api
-from jobs.cli import main
+from facegen.cluster import jobs_api
+from facegen.jobs.cli import main
 from tests.cluster.outputs import assert_same_dataset
 from tests.cluster.raycluster import LocalRayCluster, free_port
 
@@ -47,7 +47,7 @@ def driver(cluster, *args: str, log: Path) -> subprocess.Popen:
     """`facegen …` in its own process, a client of the cluster like any user's driver."""
     env = {**cluster.env, "PYTHONPATH": str(ROOT)}
     with open(log, "wb") as handle:
-        return subprocess.Popen([sys.executable, "-m", "jobs", *args], env=env, stdout=handle,
+        return subprocess.Popen([sys.executable, "-m", "facegen.jobs", *args], env=env, stdout=handle,
                                 stderr=subprocess.STDOUT)
 
 

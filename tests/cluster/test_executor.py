@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from ray import exceptions as rex
 
-from cluster.actors import WorkerPlan, is_lost, plan_workers
-from cluster.executor import choose_placement, run_ray
-from engine.spec import build_spec, load_spec_file
-from jobs.cli import main
-from models.errors import UserError
+from facegen.cluster.actors import WorkerPlan, is_lost, plan_workers
+from facegen.cluster.executor import choose_placement, run_ray
+from facegen.engine.spec import build_spec, load_spec_file
+from facegen.jobs.cli import main
+from facegen.models.errors import UserError
 from tests.cluster.outputs import assert_same_dataset
 from tests.cluster.raycluster import MARK, alive, marked_pids
 
@@ -76,7 +76,7 @@ def test_generate_starts_an_embedded_ray_and_leaves_nothing_running(tiny_job, re
     mark = secrets.token_hex(6)
     env = {**os.environ, "PYTHONPATH": str(ROOT), MARK: mark}
     env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-m", "jobs", "generate", tiny_job, "--out", str(tmp_path / "ray"),
+    run = subprocess.run([sys.executable, "-m", "facegen.jobs", "generate", tiny_job, "--out", str(tmp_path / "ray"),
                           "--executor", "ray"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "wrote 24 samples of 12 identities in 12 shards" in run.stdout
@@ -88,7 +88,7 @@ def test_generate_starts_an_embedded_ray_and_leaves_nothing_running(tiny_job, re
 
 
 def test_ray_is_the_default_executor():
-    from engine.spec import RunSpec
+    from facegen.engine.spec import RunSpec
 
     assert (RunSpec().executor, RunSpec().address) == ("ray", None)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.train import _storage, run_ray_training
-from engine.storage import Storage
-from engine.training.launch import prepare
-from engine.training.snapshot import load_snapshot
-from engine.training.spec import build_train_spec
+from facegen.cluster.train import _storage, run_ray_training
+from facegen.engine.storage import Storage
+from facegen.engine.training.launch import prepare
+from facegen.engine.training.snapshot import load_snapshot
+from facegen.engine.training.spec import build_train_spec
 from tests.engine.training_tiny import make_dataset, tiny_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.remote_index import RemoteIndex, group_shards
-from engine.index import PrivacyIndex, build_index
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.cluster.remote_index import RemoteIndex, group_shards
+from facegen.engine.index import PrivacyIndex, build_index
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 pytestmark = pytest.mark.ray
 DIM = 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.training.augment import (
+from facegen.engine.training.augment import (
     COLOR,
     FLAGS,
     GEOMETRIC,
@@ -15,7 +15,7 @@ from engine.training.augment import (
     augment_pipe_from_name,
     augpipe_flags,
 )
-from models.errors import UserError
+from facegen.models.errors import UserError
 
 B, R = 12, 16
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.features import (
+from facegen.engine.features import (
     FEATURES_FILE,
     NIR_FEATURES_FILE,
     compute_identity_features,
@@ -19,9 +19,9 @@ from engine.features import (
     natural_sorted,
     raw_features,
 )
-from jobs.cli import main
-from models.embedder import preprocess
-from models.errors import UserError
+from facegen.jobs.cli import main
+from facegen.models.embedder import preprocess
+from facegen.models.errors import UserError
 from tests.engine.tiny import tiny_embedder
 
 SIZE = 32
@@ -233,7 +233,7 @@ def test_onnx_embedder_raw_features_equal_torch(tmp_path, embedder):
     pytest.importorskip("onnxruntime")
     import warnings
 
-    from models.embedder import OnnxEmbedder
+    from facegen.models.embedder import OnnxEmbedder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

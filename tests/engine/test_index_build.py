@@ -10,18 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-import engine.index.build as build_module
-from engine.index import (
+import facegen.engine.index.build as build_module
+from facegen.engine.index import (
     PrivacyIndex,
     build_index,
     embeddings_from_identity_features,
     embeddings_from_images,
     embeddings_from_table,
 )
-from engine.storage import Storage
-from models.embedder import Preprocessing, TorchEmbedder
-from models.errors import UserError
-from models.iresnet import IResNet, IResNetConfig
+from facegen.engine.storage import Storage
+from facegen.models.embedder import Preprocessing, TorchEmbedder
+from facegen.models.errors import UserError
+from facegen.models.iresnet import IResNet, IResNetConfig
 
 
 def normalised(x):

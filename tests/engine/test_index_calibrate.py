@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.index import (
+from facegen.engine.index import (
     DEFAULT_COMPAT_THRESHOLDS,
     PrivacyIndex,
     build_index,
@@ -14,9 +14,9 @@ from engine.index import (
     calibration_scores,
     threshold_at_fmr,
 )
-from engine.index.calibrate import genuine_pairs, triangular_pair
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.index.calibrate import genuine_pairs, triangular_pair
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 
 def clustered(rng, num_identities=40, per_identity=6, dim=16, spread=0.6):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.index import IndexShard, PrivacyIndex, build_index, reduce_max
-from engine.storage import Storage
-from models.embedder import Preprocessing, TorchEmbedder
-from models.errors import UserError
-from models.iresnet import IResNet, IResNetConfig
+from facegen.engine.index import IndexShard, PrivacyIndex, build_index, reduce_max
+from facegen.engine.storage import Storage
+from facegen.models.embedder import Preprocessing, TorchEmbedder
+from facegen.models.errors import UserError
+from facegen.models.iresnet import IResNet, IResNetConfig
 
 DIM = 24
 BACKENDS = ["faiss", "torch", "numpy"]
@@ -236,7 +236,7 @@ def tight_identities(rng, identities=150, per_identity=8, dim=32, noise=0.08):
 
 
 def test_certificate_pruning_decides_like_brute_force(tmp_path):
-    from engine.index.prune import ClusteredShard
+    from facegen.engine.index.prune import ClusteredShard
 
     rng = np.random.default_rng(11)
     vectors = tight_identities(rng)

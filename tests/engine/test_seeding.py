@@ -1,6 +1,6 @@
 import numpy as np
 
-from engine.seeding import Stream, draw_keys, normal, random_directions, uniform
+from facegen.engine.seeding import Stream, draw_keys, normal, random_directions, uniform
 
 
 def test_a_draw_depends_only_on_its_coordinates():

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-import engine.shards as shards
-from engine.manifest import completed_shards, is_complete, remove_incomplete
-from engine.reader import iter_batches, iter_dataset, iter_shard, read_manifest, read_member
-from engine.shards import ShardBatch, write_shard
-from engine.storage import Storage
-from models.errors import UserError
+import facegen.engine.shards as shards
+from facegen.engine.manifest import completed_shards, is_complete, remove_incomplete
+from facegen.engine.reader import iter_batches, iter_dataset, iter_shard, read_manifest, read_member
+from facegen.engine.shards import ShardBatch, write_shard
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from engine.storage import Storage
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.models.errors import UserError
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.features import FEATURES_FILE
-from engine.identities import write_identities
-from engine.phases import Identities
-from engine.shards import ShardBatch, write_shard
-from engine.storage import Storage
-from engine.training.data import open_training_data
-from models.errors import UserError
+from facegen.engine.features import FEATURES_FILE
+from facegen.engine.identities import write_identities
+from facegen.engine.phases import Identities
+from facegen.engine.shards import ShardBatch, write_shard
+from facegen.engine.storage import Storage
+from facegen.engine.training.data import open_training_data
+from facegen.models.errors import UserError
 
 SIZE = 16
 C_DIM = 8

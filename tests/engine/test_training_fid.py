@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from engine.storage import Storage
-from engine.training import inception
-from engine.training.context import local_context
-from engine.training.fid import FeatureStats, FidMetric, frechet_distance, stats_of
-from engine.training.inception import FIDInceptionV3, load_fid_inception
-from engine.training.loop import Trainer
-from engine.training.spec import MetricsSpec, build_train_spec
-from models.errors import UserError
+from facegen.engine.storage import Storage
+from facegen.engine.training import inception
+from facegen.engine.training.context import local_context
+from facegen.engine.training.fid import FeatureStats, FidMetric, frechet_distance, stats_of
+from facegen.engine.training.inception import FIDInceptionV3, load_fid_inception
+from facegen.engine.training.loop import Trainer
+from facegen.engine.training.spec import MetricsSpec, build_train_spec
+from facegen.models.errors import UserError
 from tests.engine.training_tiny import make_dataset, tiny_tree
 
 
@@ -99,7 +99,7 @@ def test_fid_vis_and_nir_at_network_snapshots(tmp_path, monkeypatch):
 
 def test_fid_metric_evaluate_uses_every_real_pair_once(tmp_path):
     data = make_dataset(tmp_path / "data")
-    from engine.training.data import open_training_data
+    from facegen.engine.training.data import open_training_data
     from tests.models.stylegan_fixtures import tiny_generator
 
     dataset = open_training_data(str(data), mirror=True)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.storage import Storage
-from engine.training.context import local_context
-from engine.training.loop import StepSampler, Trainer
-from engine.training.snapshot import latest_snapshot, list_snapshots, load_snapshot
-from engine.training.spec import build_train_spec
-from models.errors import UserError
-from models.loading import load_generator
+from facegen.engine.storage import Storage
+from facegen.engine.training.context import local_context
+from facegen.engine.training.loop import StepSampler, Trainer
+from facegen.engine.training.snapshot import latest_snapshot, list_snapshots, load_snapshot
+from facegen.engine.training.spec import build_train_spec
+from facegen.models.errors import UserError
+from facegen.models.loading import load_generator
 from tests.engine.training_tiny import make_dataset, tiny_tree
 from tests.models.stylegan_fixtures import tiny_discriminator, tiny_generator, write_snapshot
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.training.loss import (
+from facegen.engine.training.loss import (
     ArcBiFaceLoss,
     LossConfig,
     discriminator_fake_loss,
@@ -17,8 +17,8 @@ from engine.training.loss import (
     path_lengths,
     r1_penalties,
 )
-from models.discriminator import Discriminator, DiscriminatorConfig
-from models.generator import Generator, GeneratorConfig
+from facegen.models.discriminator import Discriminator, DiscriminatorConfig
+from facegen.models.generator import Generator, GeneratorConfig
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 

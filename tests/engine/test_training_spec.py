@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine.training.presets import auto_preset, discriminator_configs, generator_config, resolve
-from engine.training.spec import build_train_spec, resolve_hyperparams
-from models.errors import UserError
+from facegen.engine.training.presets import auto_preset, discriminator_configs, generator_config, resolve
+from facegen.engine.training.spec import build_train_spec, resolve_hyperparams
+from facegen.models.errors import UserError
 
 BASE = {"data": {"uri": "/data"}, "output": {"dir": "/out"}}
 

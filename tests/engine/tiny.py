@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.bundle import Bundle
-from engine.index.build import build_index
-from engine.index.search import PrivacyIndex
-from engine.seeding import Stream, draw_keys
-from engine.spec import build_spec
-from engine.storage import Storage
-from models.embedder import Preprocessing, TorchEmbedder
-from models.generator import Generator, GeneratorConfig
-from models.iresnet import IResNet, IResNetConfig
+from facegen.engine.bundle import Bundle
+from facegen.engine.index.build import build_index
+from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.seeding import Stream, draw_keys
+from facegen.engine.spec import build_spec
+from facegen.engine.storage import Storage
+from facegen.models.embedder import Preprocessing, TorchEmbedder
+from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.iresnet import IResNet, IResNetConfig
 
 DIM = 32
 
@@ -55,12 +55,12 @@ def tiny_spec(out: str, **overrides):
 
 def real_population(generator: Generator, embedder: TorchEmbedder, count: int, seed: int = 999) -> np.ndarray:
     """Stand-ins for enrolled real people: faces of the same generator from an unrelated seed."""
-    from engine.seeding import normal, random_directions
+    from facegen.engine.seeding import normal, random_directions
 
     slots = np.arange(count)
     c = torch.from_numpy(random_directions(draw_keys(seed, Stream.CONDITION, slots), DIM, 4.0))
     z = torch.from_numpy(normal(draw_keys(seed, Stream.LATENT, slots, 0), generator.z_dim))
-    from models.generator import images_to_uint8
+    from facegen.models.generator import images_to_uint8
 
     with torch.no_grad():
         vis, _ = generator(z, c, truncation_psi=0.7)
@@ -84,7 +84,7 @@ def write_tiny_job(folder, out: str, **overrides) -> str:
     """Native model files, an enrolled index and a job YAML under `folder`; returns the YAML path."""
     import yaml
 
-    from models.checkpoint import save_native
+    from facegen.models.checkpoint import save_native
 
     folder = str(folder)
     generator, embedder = tiny_generator(), tiny_embedder()

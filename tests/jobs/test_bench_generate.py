@@ -1,6 +1,6 @@
 import json
 
-from jobs.cli import main
+from facegen.jobs.cli import main
 
 
 def test_bench_generate_reports_consistent_ratios(tmp_path, capsys):

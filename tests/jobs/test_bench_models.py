@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from jobs.benchmarks import models as bench_models
-from models.errors import UserError
-from models.generator import Generator, GeneratorConfig
-from models.iresnet import IResNet, IResNetConfig
+from facegen.jobs.benchmarks import models as bench_models
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.iresnet import IResNet, IResNetConfig
 
 TINY_ARGS = [
     "--resolution", "16", "--channel-base", "256", "--channel-max", "32",
@@ -46,7 +46,7 @@ def test_bench_models_record(tmp_path, capsys):
 
 
 def test_bench_models_through_cli_bf16(tmp_path):
-    from jobs.cli import main
+    from facegen.jobs.cli import main
 
     out = tmp_path / "bf16.json"
     assert main(["bench", "models", *TINY_ARGS, "--dtype", "bf16", "--json", str(out)]) == 0
@@ -56,7 +56,7 @@ def test_bench_models_through_cli_bf16(tmp_path):
 
 
 def test_bench_models_user_errors(capsys):
-    from jobs.cli import main
+    from facegen.jobs.cli import main
 
     for bad, message in (
         (["--batch", "0"], "--batch: must be >= 1"),

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from jobs.cli import main
+from facegen.jobs.cli import main
 from tests.engine.tiny import write_tiny_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def test_output_contract(reference):
 def run_and_kill(job: str, out: Path, wait_for: str) -> None:
     """Start a real `facegen generate` process and SIGKILL it as soon as `wait_for` exists."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs", "generate", job, "--out", str(out)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "facegen.jobs", "generate", job, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / wait_for).exists():
@@ -129,9 +129,9 @@ def test_bad_input_exits_2_before_any_work(job, tmp_path, capsys, change, messag
 
 
 def test_c_dim_must_match_the_embedder(job, tmp_path, capsys):
-    from models.checkpoint import save_native
-    from models.embedder import Preprocessing, TorchEmbedder
-    from models.iresnet import IResNet, IResNetConfig
+    from facegen.models.checkpoint import save_native
+    from facegen.models.embedder import Preprocessing, TorchEmbedder
+    from facegen.models.iresnet import IResNet, IResNetConfig
 
     other = IResNet(IResNetConfig(depth=18, embedding_dim=16, input_size=32, base_width=8))
     save_native(TorchEmbedder(other, Preprocessing(input_size=32)).module, tmp_path / "E16.safetensors")
@@ -140,7 +140,7 @@ def test_c_dim_must_match_the_embedder(job, tmp_path, capsys):
 
 
 def test_index_of_another_embedder_is_refused(job, tmp_path, capsys):
-    from models.checkpoint import save_native
+    from facegen.models.checkpoint import save_native
     from tests.engine.tiny import tiny_embedder
 
     save_native(tiny_embedder(seed=7).module, tmp_path / "E7.safetensors")
@@ -163,8 +163,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(job, tmp_path, capsys):
 
 
 def test_original_flags_map_to_the_same_spec(job, tmp_path):
-    from jobs.cli import build_parser
-    from jobs.commands.generate import resolve_spec
+    from facegen.jobs.cli import build_parser
+    from facegen.jobs.commands.generate import resolve_spec
 
     parser = build_parser()
     yaml_spec = resolve_spec(parser.parse_args(["generate", job, "--set", "index.uri=null",
@@ -181,7 +181,7 @@ def test_training_ids_json_runs_the_compat_path(job, tmp_path):
     """The original's flags with an identity_features.json of the real population."""
     import numpy as np
 
-    from engine.index.search import PrivacyIndex
+    from facegen.engine.index.search import PrivacyIndex
 
     index = PrivacyIndex.open(str(Path(job).parent / "index"))
     features = {f"{i}_0.jpg": list(map(float, 3.0 * v)) for i, v in enumerate(index.embeddings())}
@@ -234,9 +234,9 @@ def test_audit_with_the_generating_embedder_reproduces_the_certificate(job, refe
 def test_audit_finds_planted_violations_with_an_independent_embedder(job, reference, tmp_path, capsys):
     import numpy as np
 
-    from engine.reader import iter_dataset
-    from engine.storage import Storage
-    from models.checkpoint import save_native
+    from facegen.engine.reader import iter_dataset
+    from facegen.engine.storage import Storage
+    from facegen.models.checkpoint import save_native
     from tests.engine.tiny import make_index, tiny_embedder
 
     auditor = tiny_embedder(seed=11)  # another model than the generator's filter used

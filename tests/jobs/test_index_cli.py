@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.cli import main
-from jobs.commands.index import parse_storage_options
-from models.checkpoint import save_native
-from models.iresnet import IResNet, IResNetConfig
-from models.loading import load_embedder
+from facegen.jobs.cli import main
+from facegen.jobs.commands.index import parse_storage_options
+from facegen.models.checkpoint import save_native
+from facegen.models.iresnet import IResNet, IResNetConfig
+from facegen.models.loading import load_embedder
 
 
 def write_features(path, rng, identities=6, per_identity=3, dim=16):
@@ -138,7 +138,7 @@ def test_storage_options_reach_s3(tmp_path, capsys, s3_bucket):
 def test_parse_storage_options():
     assert parse_storage_options(["a.b=1", "a.c=x", "anon=true", "d={\"e\": 2}"]) == {
         "a": {"b": 1, "c": "x"}, "anon": True, "d": {"e": 2}}
-    from models.errors import UserError
+    from facegen.models.errors import UserError
 
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_storage_options(["novalue"])

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.cli import main
-from models.checkpoint import fingerprint_file, load_native
-from models.embedder import Preprocessing
-from models.generator import Generator, GeneratorConfig
-from models.iresnet import IResNet, IResNetConfig
-from models.loading import detect_format, load_embedder, load_generator, load_training_state
+from facegen.jobs.cli import main
+from facegen.models.checkpoint import fingerprint_file, load_native
+from facegen.models.embedder import Preprocessing
+from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.iresnet import IResNet, IResNetConfig
+from facegen.models.loading import detect_format, load_embedder, load_generator, load_training_state
 from tests.models.stylegan_fixtures import TINY_G, payload, randomize, tiny_discriminator, tiny_generator
 from tests.models.test_rosinality import make_rosinality_state
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from jobs.cli import main
-from models.checkpoint import save_native
-from models.iresnet import IResNet, IResNetConfig
+from facegen.jobs.cli import main
+from facegen.models.checkpoint import save_native
+from facegen.models.iresnet import IResNet, IResNetConfig
 from tests.engine.training_tiny import make_dataset
 
 TINY = ["--set", "config.channel_base=128", "--set", "config.channel_max=16", "--set", "config.z_dim=16",

@@ -19,8 +19,8 @@ from unittest import mock
 
 import torch
 
-from models.discriminator import Discriminator, DiscriminatorConfig
-from models.generator import Generator, GeneratorConfig
+from facegen.models.discriminator import Discriminator, DiscriminatorConfig
+from facegen.models.generator import Generator, GeneratorConfig
 
 TINY_G = dict(z_dim=16, c_dim=8, w_dim=16, img_resolution=16, img_channels=3, nir_channels=1,
               mapping_layers=2, channel_base=128, channel_max=16, num_fp16_res=0, conv_clamp=256)

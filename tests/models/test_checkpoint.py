@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import (
+from facegen.models.checkpoint import (
     FAMILIES,
     FORMAT_VERSION,
     family_of,
@@ -18,8 +18,8 @@ from models.checkpoint import (
     read_native_header,
     save_native,
 )
-from models.errors import UserError
-from models.iresnet import IResNet, IResNetConfig
+from facegen.models.errors import UserError
+from facegen.models.iresnet import IResNet, IResNetConfig
 from tests.models.stylegan_fixtures import randomize, tiny_discriminator, tiny_generator
 
 
@@ -137,7 +137,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         open(args[1], "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("models.checkpoint.save_file", broken_save)
+    monkeypatch.setattr("facegen.models.checkpoint.save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_native(tiny_generator(1), path)
     assert path.read_bytes() == before
@@ -148,7 +148,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_formats_are_detected_from_content_not_names(tmp_path):
-    from models.loading import detect_format, load_generator
+    from facegen.models.loading import detect_format, load_generator
     from tests.models.stylegan_fixtures import write_snapshot
     from tests.models.test_rosinality import make_rosinality_state
 

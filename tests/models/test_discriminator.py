@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.discriminator as discriminator_module
-from models.discriminator import Discriminator, DiscriminatorConfig, MinibatchStdLayer
-from models.errors import UserError
-from models.ops import normalize_2nd_moment, setup_filter, upfirdn2d
+import facegen.models.discriminator as discriminator_module
+from facegen.models.discriminator import Discriminator, DiscriminatorConfig, MinibatchStdLayer
+from facegen.models.errors import UserError
+from facegen.models.ops import normalize_2nd_moment, setup_filter, upfirdn2d
 
 TINY = dict(img_resolution=16, channel_base=128, channel_max=16, mapping_layers=2)
 

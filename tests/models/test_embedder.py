@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.embedder import (
+from facegen.models.embedder import (
     OnnxEmbedder,
     Preprocessing,
     TorchEmbedder,
@@ -22,8 +22,8 @@ from models.embedder import (
     prune_onnx_inputs,
     to_uint8_values,
 )
-from models.errors import UserError
-from models.iresnet import IResNet, IResNetConfig
+from facegen.models.errors import UserError
+from facegen.models.iresnet import IResNet, IResNetConfig
 
 TINY = IResNetConfig(depth=18, base_width=8, embedding_dim=32, input_size=32)
 SFACE_PRE = Preprocessing(input_size=112, mean=(0, 0, 0), std=(1 / 255,) * 3, channel_order="BGR")
@@ -163,7 +163,7 @@ def test_preprocessing_dict_round_trip_and_validation():
 
 FINGERPRINT_SCRIPT = """
 import torch
-from models.embedder import Preprocessing, TorchEmbedder
+from facegen.models.embedder import Preprocessing, TorchEmbedder
 m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
 with torch.no_grad():
     m[1].weight.copy_(torch.arange(m[1].weight.numel()).view_as(m[1].weight) / 1000)

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import models.synthesis as synthesis_module
-from models.errors import UserError
-from models.generator import Generator, GeneratorConfig, images_to_uint8
+import facegen.models.synthesis as synthesis_module
+from facegen.models.errors import UserError
+from facegen.models.generator import Generator, GeneratorConfig, images_to_uint8
 
 TINY = dict(z_dim=16, c_dim=8, w_dim=16, img_resolution=32, channel_base=128, channel_max=16,
             mapping_layers=2)

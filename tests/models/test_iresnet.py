@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.errors import UserError
-from models.importers.insightface import load_insightface_pth
-from models.iresnet import DEPTH_LAYERS, IResNet, IResNetConfig, iresnet_config_from_state_dict
+from facegen.models.errors import UserError
+from facegen.models.importers.insightface import load_insightface_pth
+from facegen.models.iresnet import DEPTH_LAYERS, IResNet, IResNetConfig, iresnet_config_from_state_dict
 
 TINY = dict(base_width=8, embedding_dim=16, input_size=32)
 

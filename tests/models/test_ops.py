@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.ops import (
+from facegen.models.ops import (
     bias_act,
     conv2d_resample,
     downsample2d,

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.errors import UnsafeCheckpointError, UserError
-from models.importers.rosinality import load_rosinality
+from facegen.models.errors import UnsafeCheckpointError, UserError
+from facegen.models.importers.rosinality import load_rosinality
 from tests.models.stylegan_fixtures import payload
 
 SIZE, STYLE_DIM, N_MLP, LR_MLP = 32, 32, 3, 0.01

@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-from models.errors import UnsafeCheckpointError, UserError
-from models.importers.stylegan_pickle import load_stylegan_pickle
+from facegen.models.errors import UnsafeCheckpointError, UserError
+from facegen.models.importers.stylegan_pickle import load_stylegan_pickle
 from tests.models.stylegan_fixtures import (
     fake_upstream_modules,
     g_init_kwargs,
