@@ -18,5 +18,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     from facegen.jobs.cli import register_modules
 
-    register_modules(parser.add_subparsers(dest="benchmark", metavar="BENCHMARK"), "facegen.jobs.benchmarks", BENCHMARKS)
+    subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    register_modules(subparsers, "facegen.jobs.benchmarks", BENCHMARKS)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
