@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from facegen.engine.dataset.manifest import completed_shards
+from facegen.engine.dataset.reader import iter_batches
+from facegen.engine.dataset.samples import sample_key
 from facegen.engine.index.search import PrivacyIndex
-from facegen.engine.manifest import completed_shards
-from facegen.engine.reader import iter_batches
-from facegen.engine.shards import sample_key
 from facegen.engine.storage import Storage
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError

@@ -8,17 +8,15 @@ from the PNG on disk.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
+from facegen.engine.dataset.codec import round_trip
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.quality import Gate, no_gate
 from facegen.engine.seeding import Stream, draw_keys, normal
-from facegen.engine.shards import encode_image
 from facegen.engine.spec import JobSpec
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError
@@ -120,8 +118,7 @@ def lossy_round_trip(images: torch.Tensor, image_format: str, quality: int) -> t
 
     The encoder is deterministic, so the shard later holds exactly these pixels."""
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-    decoded = [np.asarray(Image.open(io.BytesIO(encode_image(a, image_format, quality=quality))).convert("RGB"))
-               for a in arrays]
+    decoded = [round_trip(a, image_format, quality) for a in arrays]
     return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(images.device)
 
 

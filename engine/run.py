@@ -17,13 +17,14 @@ import torch
 from tqdm import tqdm
 
 from facegen.engine.bundle import Bundle, check_compatible, resolve_device
+from facegen.engine.dataset.formats import shard_writer
+from facegen.engine.dataset.manifest import completed_shards, is_complete, remove_incomplete
+from facegen.engine.dataset.samples import ShardBatch
 from facegen.engine.expand import expand_shard
 from facegen.engine.identities import IDENTITIES_FILE, read_identities, write_identities
 from facegen.engine.index.search import PrivacyIndex
-from facegen.engine.manifest import completed_shards, is_complete, remove_incomplete
 from facegen.engine.phases import Identities, Proposals, Selection, propose
 from facegen.engine.quality import make_quality_gate
-from facegen.engine.shards import ShardBatch, write_shard
 from facegen.engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
 from facegen.engine.storage import Storage
 from facegen.models.errors import JobFailed, UserError
@@ -154,9 +155,8 @@ def run_shard(bundle: Bundle, identities: Identities, out: Storage, shard_id: in
     batch = ShardBatch(labels=expanded.labels, samples=expanded.samples, vis=expanded.vis,
                        nir=expanded.nir, metas=expanded.metas)
     # The encoder pool gets this process's CPU budget (Ray does not pin actors to cores).
-    result = write_shard(out, shard_id, batch, name=spec.output.name, image_format=spec.output.image_format,
-                         jpeg_quality=spec.output.jpeg_quality, stats=expanded.stats,
-                         workers=torch.get_num_threads())
+    result = shard_writer(spec.output).write(out, shard_id, batch, stats=expanded.stats,
+                                             workers=torch.get_num_threads())
     return result.marker
 
 

@@ -101,6 +101,7 @@ class FilterSpec(_Section):
 class OutputSpec(_Section):
     uri: str = Field(description="dataset root: a local path or any fsspec URI (s3://…)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    format: Literal["webdataset"] = Field("webdataset", description="shard container (engine/dataset/formats.py)")
     name: str = Field("facegen", pattern=r"^[A-Za-z0-9_-]+$", description="shard file prefix")
     image_format: Literal["png", "jpg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
@@ -158,17 +159,27 @@ class JobSpec(_Section):
 
 # Fields that locate or schedule the work but do not change a single output byte.
 _UNHASHED = {"run": True, "output": {"uri": True, "storage_options": True}}
+# Keys added after datasets were written: hashed only when they differ from the value those datasets
+# were written with, so a resume of an existing dataset still matches its job.sha256.
+_HASHED_UNLESS = {("output", "format"): "webdataset"}
+
+
+def _hashed_tree(spec: JobSpec) -> dict[str, Any]:
+    tree = spec.model_dump(mode="json", exclude=_UNHASHED)
+    for (section, key), implicit in _HASHED_UNLESS.items():
+        if tree[section].get(key) == implicit:
+            del tree[section][key]
+    return tree
 
 
 def spec_hash(spec: JobSpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json", exclude=_UNHASHED), sort_keys=True)
+    canonical = json.dumps(_hashed_tree(spec), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def spec_diff(a: JobSpec, b: JobSpec) -> list[str]:
     """Dotted keys whose hashed values differ between two specs."""
-    left = _flatten(a.model_dump(mode="json", exclude=_UNHASHED))
-    right = _flatten(b.model_dump(mode="json", exclude=_UNHASHED))
+    left, right = _flatten(_hashed_tree(a)), _flatten(_hashed_tree(b))
     return sorted(k for k in left.keys() | right.keys() if left.get(k) != right.get(k))
 
 

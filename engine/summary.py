@@ -10,10 +10,10 @@ from collections import Counter
 
 import numpy as np
 
+from facegen.engine.dataset.manifest import completed_shards
+from facegen.engine.dataset.reader import iter_dataset, read_manifest
 from facegen.engine.index.search import PrivacyIndex
-from facegen.engine.manifest import completed_shards
 from facegen.engine.phases import Identities
-from facegen.engine.reader import iter_dataset, read_manifest
 from facegen.engine.report import write_report
 from facegen.engine.spec import JobSpec, spec_hash
 from facegen.engine.storage import Storage

@@ -61,6 +61,34 @@ def test_sources_import_facegen_by_its_installed_name(package):
     assert offenders == {}
 
 
+# Sub-packages with a narrower contract: facegen modules they may import (prefixes), nothing else.
+# The on-disk dataset knows storage, not how samples are generated (no bundle, phases, spec, models).
+ALLOWED_INSIDE = {
+    "engine/dataset": ("facegen.engine.dataset", "facegen.engine.storage", "facegen.models.errors"),
+}
+
+
+def facegen_modules(path: Path) -> set[str]:
+    """Full facegen module names a file imports (anywhere in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("facegen"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("facegen"))
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED_INSIDE))
+def test_subpackage_imports_only_what_its_contract_allows(folder):
+    allowed = ALLOWED_INSIDE[folder]
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert files, f"{folder}/ has no Python files"
+    offenders = {str(f.relative_to(ROOT)): sorted(m for m in facegen_modules(f) if not m.startswith(allowed))
+                 for f in files}
+    assert {f: bad for f, bad in offenders.items() if bad} == {}
+
+
 def test_no_import_cycle_between_modules():
     """Module-level imports inside facegen form a DAG (imports inside functions are lazy and exempt)."""
     graph: dict[str, set[str]] = {}
@@ -101,3 +129,4 @@ def test_checker_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import ray\nfrom facegen.engine.x import y\nfrom models import z\nfrom . import sibling\n")
     assert imported_names(bad) == {"ray", "engine", "models"}
+    assert facegen_modules(bad) == {"facegen.engine.x"}

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facegen.engine.dataset.manifest import DONE_DIR
+from facegen.engine.dataset.reader import read_manifest, read_member
 from facegen.engine.features import FEATURES_FILE, list_pairs
 from facegen.engine.identities import IDENTITIES_FILE, read_identities
 from facegen.engine.index.sources import embeddings_from_identity_features
-from facegen.engine.manifest import DONE_DIR
-from facegen.engine.reader import read_manifest, read_member
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 

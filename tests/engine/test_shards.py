@@ -15,10 +15,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-import facegen.engine.shards as shards
-from facegen.engine.manifest import completed_shards, is_complete, remove_incomplete
-from facegen.engine.reader import iter_batches, iter_dataset, iter_shard, read_manifest, read_member
-from facegen.engine.shards import ShardBatch, write_shard
+import facegen.engine.dataset.codec as codec
+import facegen.engine.dataset.webdataset as shards
+from facegen.engine.dataset.manifest import completed_shards, is_complete, remove_incomplete
+from facegen.engine.dataset.reader import iter_batches, iter_dataset, iter_shard, read_manifest, read_member
+from facegen.engine.dataset.samples import ShardBatch
+from facegen.engine.dataset.webdataset import write_shard
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
@@ -52,7 +54,7 @@ def write_dataset(storage: Storage, num_shards: int = 3, **kwargs) -> dict[int, 
 
 
 def expected_meta(batch: ShardBatch, i: int) -> dict:
-    meta = shards.to_jsonable(batch.metas[i])
+    meta = codec.to_jsonable(batch.metas[i])
     return {**meta, "identity": int(batch.labels[i]), "sample": int(batch.samples[i])}
 
 
@@ -122,7 +124,8 @@ def test_rewrite_is_byte_identical(tmp_path):
 
 def test_byte_identical_across_processes(tmp_path):
     write_shard(Storage(str(tmp_path / "here")), 2, make_batch(2))
-    code = ("import sys; from engine.storage import Storage; from engine.shards import write_shard; "
+    code = ("import sys; from facegen.engine.storage import Storage; "
+            "from facegen.engine.dataset.webdataset import write_shard; "
             "from tests.engine.test_shards import make_batch; "
             "write_shard(Storage(sys.argv[1]), 2, make_batch(2), workers=2)")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "TZ": "Asia/Kolkata"}
@@ -200,7 +203,7 @@ def test_failed_encoding_never_publishes_a_partial_tar(tmp_path, monkeypatch, wo
     big = make_batch(0, size=64)  # noise images: several KiB each, so the temp file fills before the failure
     write_shard(storage, 0, big)
     good = sha256_file(tmp_path / "shards" / "facegen-000000.tar")
-    real_encode, calls, temp_sizes = shards.encode_image, [], []
+    real_encode, calls, temp_sizes = codec.encode_image, [], []
 
     def temp_size() -> int:
         return sum(p.stat().st_size for p in (tmp_path / "shards").glob(".tmp-*"))
@@ -215,7 +218,7 @@ def test_failed_encoding_never_publishes_a_partial_tar(tmp_path, monkeypatch, wo
             raise OSError("encoder failure")
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "encode_image", failing_encode)
+    monkeypatch.setattr(codec, "encode_image", failing_encode)
     with pytest.raises(OSError, match="encoder failure"):
         write_shard(storage, 0, big, workers=workers)
     with pytest.raises(OSError, match="encoder failure"):

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from facegen.engine.dataset.samples import ShardBatch
+from facegen.engine.dataset.webdataset import write_shard
 from facegen.engine.features import FEATURES_FILE
 from facegen.engine.identities import write_identities
 from facegen.engine.phases import Identities
-from facegen.engine.shards import ShardBatch, write_shard
 from facegen.engine.storage import Storage
 from facegen.engine.training.data import open_training_data
 from facegen.models.errors import UserError

@@ -234,7 +234,7 @@ def test_audit_with_the_generating_embedder_reproduces_the_certificate(job, refe
 def test_audit_finds_planted_violations_with_an_independent_embedder(job, reference, tmp_path, capsys):
     import numpy as np
 
-    from facegen.engine.reader import iter_dataset
+    from facegen.engine.dataset.reader import iter_dataset
     from facegen.engine.storage import Storage
     from facegen.models.checkpoint import save_native
     from tests.engine.tiny import make_index, tiny_embedder

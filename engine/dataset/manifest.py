@@ -1,8 +1,8 @@
-"""Per-shard manifests and completion markers: what makes a shard exist.
+"""Per-shard manifests and completion markers: what makes a shard exist, in every output format.
 
 A shard counts as written only when `done/{NNNNNN}.json` exists; the marker is written last and
-atomically, after the tar and its manifest. Everything here is plain functions over `Storage`, so
-the local executor and Ray actors share one definition of "complete".
+atomically, after the shard file and its manifest. Everything here is plain functions over
+`Storage`, so the local executor and Ray actors share one definition of "complete".
 """
 
 from __future__ import annotations
@@ -173,13 +173,14 @@ def _all_names(storage: Storage, folder: str) -> list[str]:
 
 
 def remove_incomplete(storage: Storage) -> list[str]:
-    """Delete tars and manifests without a marker, markers without a tar, and stray temp files.
+    """Delete shard files and manifests without a marker, markers without a shard file, and stray
+    temp files.
 
     Returns the removed relative paths. Call it only while no writer runs on this dataset (at job
     start): an in-progress shard looks exactly like an abandoned one.
     """
-    tars = set(storage.list(SHARDS_DIR, ".tar"))
-    complete = {i: m for i, m in completed_shards(storage).items() if m.get("shard_file") in tars}
+    shard_files = set(storage.list(SHARDS_DIR))
+    complete = {i: m for i, m in completed_shards(storage).items() if m.get("shard_file") in shard_files}
     # Markers go first: interrupted half way, the cleanup still leaves no marker without its files.
     keep = {
         DONE_DIR: {posixpath.basename(marker_path(i)) for i in complete},
