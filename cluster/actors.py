@@ -33,11 +33,6 @@ log = logging.getLogger("facegen")
 LOST = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
         rex.OwnerDiedError, rex.ActorUnavailableError)
 
-# PyTorch picks another CPU kernel for 1x1 convolutions of small batches when it runs single-threaded
-# (ATen's `use_mkldnn` heuristic tests `get_num_threads() > 1`), which flips the last bit of a few
-# pixels. Measured here: 2, 3, 4 and 8 threads give identical bytes, 1 thread does not. So an actor
-# never computes single-threaded, and its output equals a (multi-threaded) local run's.
-MIN_TORCH_THREADS = 2
 
 
 def is_lost(err: BaseException) -> bool:
@@ -57,7 +52,9 @@ class GeneratorWorker:
     """One generator actor: the engine's propose / run_shard on a bundle loaded once."""
 
     def __init__(self, spec: JobSpec, out: Storage, index: Any | None, num_threads: int):
-        torch.set_num_threads(num_threads)  # plan_workers: never 1 in a job (see MIN_TORCH_THREADS)
+        # Any count gives the same bytes (the 1x1 heads are GEMMs, `models.ops.conv1x1`); plan_workers
+        # gives one thread per CPU slot.
+        torch.set_num_threads(num_threads)
         self.out, self.error = out, None
         self._identities_ref, self._identities = None, None
         try:
@@ -97,33 +94,35 @@ class WorkerPlan:
     num_workers: int
     num_gpus: float = 0.0
     num_cpus: float = 1.0
-    threads: int = MIN_TORCH_THREADS
+    threads: int = 1
 
     def options(self) -> dict:
         return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
 
 
 def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
-    """One actor per GPU (`num_gpus=1`); on CPU-only clusters (or run.device=cpu) one per
-    MIN_TORCH_THREADS CPU slots, running that many threads (an actor never computes single-threaded,
-    and one per CPU slot would oversubscribe the cores twice over).
+    """One actor per GPU (`num_gpus=1`); on CPU-only clusters (or run.device=cpu) one per CPU slot,
+    running one intra-op thread: independent actors scale better than threads within one (measured in
+    docs/benchmarks.md, Scaling), and the output does not depend on the thread count.
 
     `run.num_workers` caps the count (GPU) or sets it (CPU, sharing the CPUs evenly).
     """
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
     wanted = spec.run.num_workers
     if gpus and spec.run.device != "cpu":
-        return WorkerPlan(min(gpus, wanted or gpus), num_gpus=1.0, num_cpus=1.0 if cpus >= gpus * 2 else 0.0)
+        # The CPUs beside each GPU encode PNGs (the shard encoder pool uses the actor's torch threads).
+        return WorkerPlan(min(gpus, wanted or gpus), num_gpus=1.0, num_cpus=1.0 if cpus >= gpus * 2 else 0.0,
+                          threads=max(1, int(cpus) // gpus))
     if spec.run.device == "cuda":
         raise UserError("run.device: cuda requested but the Ray cluster has no GPU")
     if cpus < 1:
         raise UserError(f"the Ray cluster has {cpus:g} CPUs: no generator actor can be placed")
-    count = wanted or max(1, int(cpus) // MIN_TORCH_THREADS)
+    count = wanted or int(cpus)
     share = cpus / count
     # Whole CPUs when there are enough (Ray then never packs more threads than cores onto a node);
     # a fraction when run.num_workers asks for more actors than CPUs.
     num_cpus = float(int(share)) if share >= 1 else round(share, 4)
-    return WorkerPlan(count, num_cpus=num_cpus, threads=max(MIN_TORCH_THREADS, int(share)))
+    return WorkerPlan(count, num_cpus=num_cpus, threads=max(1, int(share)))
 
 
 @dataclass

@@ -39,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                          "the baseline")
     parser.add_argument("--slots", type=int, default=256, help="identity slots proposed per worker count")
     parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads per worker (default: as `facegen generate` runs them, at "
-                             "least 2); 1 thread per 1-CPU worker measures scaling without oversubscription")
+                        help="intra-op threads per worker (default: as `facegen generate` runs them, the "
+                             "actor's share of the CPUs); 1 thread per 1-CPU worker measures scaling without "
+                             "oversubscription")
     parser.add_argument("--address", help="Ray cluster to join (default: an embedded local Ray)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
     parser.set_defaults(func=run)

@@ -106,15 +106,15 @@ def test_user_error_in_an_actor_is_one_clean_line(ray_session, tiny_job, tmp_pat
 @pytest.mark.parametrize(
     "resources, overrides, expected",
     [
-        ({"CPU": 2.0}, [], WorkerPlan(1, num_cpus=2.0, threads=2)),  # never single-threaded
-        ({"CPU": 64.0}, [], WorkerPlan(32, num_cpus=2.0, threads=2)),
-        ({"CPU": 3.0}, [], WorkerPlan(1, num_cpus=3.0, threads=3)),
+        ({"CPU": 2.0}, [], WorkerPlan(2, num_cpus=1.0, threads=1)),  # one single-threaded actor per CPU
+        ({"CPU": 64.0}, [], WorkerPlan(64, num_cpus=1.0, threads=1)),
+        ({"CPU": 3.0}, [], WorkerPlan(3, num_cpus=1.0, threads=1)),
         ({"CPU": 8.0}, ["run.num_workers=2"], WorkerPlan(2, num_cpus=4.0, threads=4)),
-        ({"CPU": 2.0}, ["run.num_workers=2"], WorkerPlan(2, num_cpus=1.0, threads=2)),
-        ({"CPU": 2.0}, ["run.num_workers=4"], WorkerPlan(4, num_cpus=0.5, threads=2)),
-        ({"CPU": 64.0, "GPU": 8.0}, [], WorkerPlan(8, num_gpus=1.0, num_cpus=1.0)),
-        ({"CPU": 8.0, "GPU": 8.0}, ["run.num_workers=3"], WorkerPlan(3, num_gpus=1.0, num_cpus=0.0)),
-        ({"CPU": 4.0, "GPU": 2.0}, ["run.device=cpu"], WorkerPlan(2, num_cpus=2.0, threads=2)),
+        ({"CPU": 2.0}, ["run.num_workers=1"], WorkerPlan(1, num_cpus=2.0, threads=2)),
+        ({"CPU": 2.0}, ["run.num_workers=4"], WorkerPlan(4, num_cpus=0.5, threads=1)),
+        ({"CPU": 64.0, "GPU": 8.0}, [], WorkerPlan(8, num_gpus=1.0, num_cpus=1.0, threads=8)),
+        ({"CPU": 8.0, "GPU": 8.0}, ["run.num_workers=3"], WorkerPlan(3, num_gpus=1.0, num_cpus=0.0, threads=1)),
+        ({"CPU": 4.0, "GPU": 2.0}, ["run.device=cpu"], WorkerPlan(4, num_cpus=1.0, threads=1)),
     ],
 )
 def test_worker_plan(tiny_job, resources, overrides, expected):

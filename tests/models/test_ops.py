@@ -5,9 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from facegen.models.ops import (
     bias_act,
+    conv1x1,
     conv2d_resample,
     downsample2d,
     modulated_conv2d,
@@ -179,3 +181,45 @@ def test_fp16_prenormalisation_avoids_overflow_and_keeps_the_result():
         got = modulated_conv2d(x.half() * 30, weight, styles, padding=1, fused_modconv=fused)
         assert got.dtype == torch.float16 and torch.isfinite(got).all()
         torch.testing.assert_close(got.float() / 30, want, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "per_sample"])
+def test_conv1x1_equals_the_convolution(layout):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 5, 7)
+    w = torch.randn(4, 16)
+    if layout == "per_sample":
+        w = torch.randn(3, 4, 16)
+        want = torch.cat([F.conv2d(x[i : i + 1], w[i, :, :, None, None]) for i in range(3)])
+    else:
+        want = F.conv2d(x, w[:, :, None, None])
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+    got = conv1x1(x, w)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if layout == "nhwc":  # stays NHWC: no layout copy on the shared-weight path
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_pointwise_modulated_conv_does_not_depend_on_the_thread_count(batch, fused):
+    """F.conv2d takes another CPU kernel for small-batch 1x1 convolutions on one thread; the torgb /
+    toseg heads must give the same bits whatever the intra-op thread count."""
+    torch.manual_seed(1)
+    x = torch.randn(batch, 64, 16, 16)
+    if not fused:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, styles = torch.randn(3, 64, 1, 1), torch.randn(batch, 64)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(modulated_conv2d(x, weight, styles, demodulate=False, fused_modconv=fused))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outputs[0], outputs[1])
+    want = F.conv2d(x * styles[:, :, None, None], weight)
+    torch.testing.assert_close(outputs[0], want, rtol=1e-5, atol=1e-5)
