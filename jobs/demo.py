@@ -55,15 +55,16 @@ def enrol_population(generator: Generator, embedder: FaceEmbedder, target: Stora
                 source=f"demo population: {count} generated stand-ins, seed {POPULATION_SEED}")
 
 
-def prepare_demo(folder: str | Path) -> JobSpec:
-    """Write models, index and `job.yaml` under `folder`; return the job's spec."""
+def prepare_demo(folder: str | Path, population: int = 400) -> JobSpec:
+    """Write models, index and `job.yaml` under `folder`; return the job's spec. `population`: enrolled
+    stand-ins (benchmarks in CI use fewer)."""
     from facegen.models.loading import load_generator
 
     folder = Path(folder).resolve()
     generator_path, embedder_path = demo_models(folder / "models")
     index = Storage(str(folder / "index"))
     if not index.exists("index.json"):
-        enrol_population(load_generator(generator_path), load_embedder(embedder_path), index)
+        enrol_population(load_generator(generator_path), load_embedder(embedder_path), index, population)
     tree = yaml.safe_load(EXAMPLE.read_text())
     tree["generator"]["path"] = str(generator_path)
     tree["embedder"]["path"] = str(embedder_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-BENCHMARKS = ["models", "filter", "generate", "train", "scaling"]
+BENCHMARKS = ["models", "filter", "generate", "train", "scaling", "suite"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
