@@ -206,8 +206,9 @@ def conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     Not `F.conv2d`, because ATen picks the CPU kernel of a 1x1 convolution by batch size *and* thread
     count (`use_mkldnn` in ATen's Convolution.cpp takes the oneDNN path only when `get_num_threads() > 1`
     or the batch is >= 16), and the two kernels round differently: the same job then wrote other pixels
-    with one thread than with two. A GEMM splits its output, not its reduction, across threads, so
-    the result is the same for every thread count (checked from 1 to 4 threads, batches 1-32, 4²-256²).
+    with one thread than with two. The BLAS GEMM shares out output tiles, not the channel sum, among
+    its threads, so the bits do not depend on the thread count (checked with MKL: 1 to 4 threads,
+    batches 1-32, 4²-256², 32-512 channels; tests/engine/test_thread_determinism.py runs a job both ways).
     NHWC activations (the shared-weight path) stay NHWC: one [N·H·W, I] x [I, O] product, no copy.
     """
     n, in_ch, h, wd = x.shape
