@@ -538,7 +538,7 @@ def candidate_flops(bundle) -> int:
 
 
 def _encode_pair(image: np.ndarray) -> bytes:
-    from facegen.engine.shards import encode_image
+    from facegen.engine.dataset.codec import encode_image
 
     return encode_image(image) + encode_image(image[..., 0])
 
