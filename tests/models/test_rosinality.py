@@ -30,9 +30,9 @@ def _kernel(gain: float = 1.0) -> torch.Tensor:
     return k / k.sum() * gain
 
 
-def _conv_keys(sd, prefix, cin, cout, k, gen, upsample=False, demod_layer=True):
+def _conv_keys(sd, prefix, cin, cout, k, gen, upsample=False, demod_layer=True, style_dim=STYLE_DIM):
     sd[f"{prefix}.conv.weight"] = torch.randn(1, cout, cin, k, k, generator=gen)
-    sd[f"{prefix}.conv.modulation.weight"] = torch.randn(cin, STYLE_DIM, generator=gen)
+    sd[f"{prefix}.conv.modulation.weight"] = torch.randn(cin, style_dim, generator=gen)
     sd[f"{prefix}.conv.modulation.bias"] = 1 + 0.1 * torch.randn(cin, generator=gen)
     if upsample:
         sd[f"{prefix}.conv.blur.kernel"] = _kernel(4.0)
@@ -41,27 +41,30 @@ def _conv_keys(sd, prefix, cin, cout, k, gen, upsample=False, demod_layer=True):
         sd[f"{prefix}.activate.bias"] = 0.1 * torch.randn(cout, generator=gen)
 
 
-def make_rosinality_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def make_rosinality_state(seed: int = 0, size: int = SIZE, channels: dict[int, int] | None = None,
+                          style_dim: int = STYLE_DIM, n_mlp: int = N_MLP) -> dict[str, torch.Tensor]:
     """Tensors with rosinality's names and shapes (random, as after training)."""
+    channels = channels or CHANNELS
+    num_blocks = int(math.log2(size)) - 2
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for i in range(1, N_MLP + 1):
-        sd[f"style.{i}.weight"] = torch.randn(STYLE_DIM, STYLE_DIM, generator=gen) / LR_MLP
-        sd[f"style.{i}.bias"] = 0.1 * torch.randn(STYLE_DIM, generator=gen)
-    sd["input.input"] = torch.randn(1, CHANNELS[4], 4, 4, generator=gen)
-    _conv_keys(sd, "conv1", CHANNELS[4], CHANNELS[4], 3, gen)
-    _conv_keys(sd, "to_rgb1", CHANNELS[4], 3, 1, gen, demod_layer=False)
+    for i in range(1, n_mlp + 1):
+        sd[f"style.{i}.weight"] = torch.randn(style_dim, style_dim, generator=gen) / LR_MLP
+        sd[f"style.{i}.bias"] = 0.1 * torch.randn(style_dim, generator=gen)
+    sd["input.input"] = torch.randn(1, channels[4], 4, 4, generator=gen)
+    _conv_keys(sd, "conv1", channels[4], channels[4], 3, gen, style_dim=style_dim)
+    _conv_keys(sd, "to_rgb1", channels[4], 3, 1, gen, demod_layer=False, style_dim=style_dim)
     sd["to_rgb1.bias"] = 0.1 * torch.randn(1, 3, 1, 1, generator=gen)
-    cin = CHANNELS[4]
-    for k in range(NUM_BLOCKS):
-        cout = CHANNELS[2 ** (k + 3)]
-        _conv_keys(sd, f"convs.{2 * k}", cin, cout, 3, gen, upsample=True)
-        _conv_keys(sd, f"convs.{2 * k + 1}", cout, cout, 3, gen)
-        _conv_keys(sd, f"to_rgbs.{k}", cout, 3, 1, gen, demod_layer=False)
+    cin = channels[4]
+    for k in range(num_blocks):
+        cout = channels[2 ** (k + 3)]
+        _conv_keys(sd, f"convs.{2 * k}", cin, cout, 3, gen, upsample=True, style_dim=style_dim)
+        _conv_keys(sd, f"convs.{2 * k + 1}", cout, cout, 3, gen, style_dim=style_dim)
+        _conv_keys(sd, f"to_rgbs.{k}", cout, 3, 1, gen, demod_layer=False, style_dim=style_dim)
         sd[f"to_rgbs.{k}.bias"] = 0.1 * torch.randn(1, 3, 1, 1, generator=gen)
         sd[f"to_rgbs.{k}.upsample.kernel"] = _kernel(4.0)
         cin = cout
-    for j in range(2 * NUM_BLOCKS + 1):
+    for j in range(2 * num_blocks + 1):
         res = 2 ** ((j + 5) // 2)
         sd[f"noises.noise_{j}"] = torch.randn(1, 1, res, res, generator=gen)
     return sd
