@@ -25,6 +25,11 @@ class Stream(enum.IntEnum):
     LATENT = 2
     NOISE = 3
     CALIBRATION = 4
+    # Identity swapping (engine/anonymise): the faces being anonymised and the faces lending identity.
+    # Numbered apart from the generation streams so that other new purposes can take 5, 6, ...
+    SWAP_SOURCE = 11
+    SWAP_TARGET = 12
+    SWAP_BASELINE = 13  # random swap units, the baseline a ranking is compared against
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

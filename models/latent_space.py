@@ -189,14 +189,15 @@ class LatentSpace:
         """Flat codes -> (vis [N, C, R, R], nir [N, 1, R, R] or None), float in about [-1, 1].
 
         Differentiable (callers wrap it in no_grad when they do not optimise)."""
+        # NHWC activations with shared weights: facegen's fastest CPU path at these batch sizes.
         if space == "wplus":
-            return self.synthesis(self.ws_of(space, codes), noise_mode="const")
+            return self.synthesis(self.ws_of(space, codes), noise_mode="const", channels_last=True)
         layout = self.layout("style")
         parts = codes.split(list(layout.widths), dim=1)
         styles = dict(zip(layout.names, parts))
         # Every affine is replaced by the given styles, so the ws only provide the batch size.
         ws = codes.new_zeros(codes.shape[0], self.num_ws, self.w_dim)
-        return self.synthesis(ws, noise_mode="const", styles=styles)
+        return self.synthesis(ws, noise_mode="const", styles=styles, channels_last=True)
 
     def render_ws(self, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.render("wplus", ws.reshape(ws.shape[0], -1))

@@ -38,7 +38,7 @@ def _ws(space: LatentSpace, n: int = 3) -> torch.Tensor:
 def test_wplus_and_style_codes_render_the_generators_own_images(space):
     ws = _ws(space)
     with torch.no_grad():
-        expected_vis, expected_nir = space.generator.synthesis(ws, noise_mode="const")
+        expected_vis, expected_nir = space.generator.synthesis(ws, noise_mode="const", channels_last=True)
         for name in ("wplus", "style"):
             codes = space.encode(name, ws)
             assert codes.shape == (3, space.layout(name).size)
