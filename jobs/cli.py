@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "models",
     "convert",
     "bench",
+    "disentangle",
 ]
 
 
