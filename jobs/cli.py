@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "convert",
     "bench",
     "disentangle",
+    "anonymize",
 ]
 
 

@@ -10,6 +10,7 @@ from tests.engine.planted import planted_pair
 pytestmark = pytest.mark.ray
 
 
+@pytest.mark.slow
 def test_ray_actors_rank_exactly_like_the_local_loop(ray_session):
     space, embedder = planted_pair()
     job = RankJob(spaces=("wplus", "style"), widths=(0,), pairs=4, batch_size=32, pairs_per_task=2,
