@@ -1,8 +1,8 @@
 """Rank tasks on Ray actors: each actor loads the generator and embedder once and runs whole tasks.
 
-A task's numbers depend only on the task (engine/anonymise/rank.py), and actors compute with at
-least two torch threads like a local run (see `actors.MIN_TORCH_THREADS`), so the table equals the
-local one. Results come back in task order whatever actor finished first.
+A task's numbers depend only on the task (engine/anonymise/rank.py), not on the thread count
+(the 1x1 heads are GEMMs, `models.ops.conv1x1`), so the table equals the local one. Results come
+back in task order whatever actor finished first.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import numpy as np
 import ray
 import torch
 
-from facegen.cluster.actors import MIN_TORCH_THREADS
 from facegen.engine.anonymise.rank import RankJob, RunTasks, Scorer, Task
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.generator import Generator
@@ -22,7 +21,7 @@ from facegen.models.latent_space import LatentSpace
 
 class RankWorker:
     def __init__(self, generator: Generator, embedder: FaceEmbedder, job: RankJob, num_threads: int) -> None:
-        torch.set_num_threads(max(MIN_TORCH_THREADS, num_threads))
+        torch.set_num_threads(num_threads)
         self.scorer = Scorer(LatentSpace(generator), embedder, job)
 
     def run(self, task: Task) -> tuple[np.ndarray, np.ndarray]:
@@ -30,7 +29,7 @@ class RankWorker:
 
 
 def run_on_ray(generator: Generator, embedder: FaceEmbedder, job: RankJob, actors: int, *,
-               num_cpus: float = 1.0, num_threads: int = MIN_TORCH_THREADS,
+               num_cpus: float = 1.0, num_threads: int = 1,
                progress: Callable[[int, int], None] | None = None) -> RunTasks:
     """A `RunTasks` for `engine.anonymise.rank.rank` that spreads tasks over `actors` Ray actors."""
 

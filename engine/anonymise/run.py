@@ -23,10 +23,11 @@ import torch
 from facegen.engine.anonymise.faces import face_ws
 from facegen.engine.anonymise.metric import Metric
 from facegen.engine.anonymise.swap import Swapper
+from facegen.engine.dataset.manifest import completed_shards
+from facegen.engine.dataset.samples import ShardBatch
+from facegen.engine.dataset.webdataset import WebDatasetWriter
 from facegen.engine.index.search import PrivacyIndex
-from facegen.engine.manifest import completed_shards
 from facegen.engine.seeding import Stream
-from facegen.engine.shards import ShardBatch, write_shard
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 from facegen.models.generator import images_to_uint8
@@ -212,7 +213,7 @@ def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int
             if batch is None:
                 out.write_json(empty, stats)
             else:
-                write_shard(out, shard_id, batch, name="anonymised", image_format=image_format, stats=stats)
+                WebDatasetWriter(name="anonymised", image_format=image_format).write(out, shard_id, batch, stats=stats)
         for key in ("sources", "written", "dropped", "retried"):
             totals[key] += int(stats[key])
         for key in ("max_source_similarity", "max_real_similarity"):

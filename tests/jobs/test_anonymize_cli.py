@@ -12,7 +12,7 @@ import torch
 
 from facegen.engine.anonymise.faces import face_ws
 from facegen.engine.anonymise.rank import RankJob, rank, ranks_bytes
-from facegen.engine.reader import iter_dataset, read_manifest
+from facegen.engine.dataset.reader import iter_dataset, read_manifest
 from facegen.engine.seeding import Stream
 from facegen.engine.storage import Storage
 from facegen.jobs.cli import main
