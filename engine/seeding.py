@@ -25,6 +25,8 @@ class Stream(enum.IntEnum):
     LATENT = 2
     NOISE = 3
     CALIBRATION = 4
+    WORLD_IDENTITY = 5  # the procedural face world (engine.world)
+    WORLD_SAMPLE = 6
     # Identity swapping (engine/anonymise): the faces being anonymised and the faces lending identity.
     # Numbered apart from the generation streams so that other new purposes can take 5, 6, ...
     SWAP_SOURCE = 11

@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "bench",
     "disentangle",
     "anonymize",
+    "world",
+    "preview",
 ]
 
 
