@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from facegen.cluster.actors import (
     GeneratorPool,
@@ -39,6 +38,7 @@ from facegen.cluster.remote_index import RemoteIndex
 from facegen.engine.bundle import resolve_device
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.phases import Identities, Proposals
+from facegen.engine.progress import progress_bar
 from facegen.engine.run import COMPAT_INDEX_DIR, load_bundle, open_output, pending_shards, select_identities
 from facegen.engine.spec import JobSpec
 from facegen.engine.storage import Storage
@@ -251,7 +251,7 @@ class ShardScheduler:
         box = [ray.put(identities)]
         queue = deque((shard_id, 0) for shard_id in todo)
         in_flight: dict = {}  # ref -> (shard_id, slot index, generation, failures)
-        with tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress) as bar:
+        with progress_bar(len(todo), "shards", "shard", progress) as bar:
             self._fill(queue, in_flight, box)
             while in_flight or queue:
                 if not in_flight:  # every actor was lost: wait for a replacement to load
@@ -295,14 +295,14 @@ class ShardScheduler:
         self.pool.lost(slot, generation, err)
         queue.appendleft((shard_id, failures))
 
-    def _done(self, marker: dict, shard_id: int, slot: int, totals: dict, bar: tqdm) -> None:
+    def _done(self, marker: dict, shard_id: int, slot: int, totals: dict, bar) -> None:
         if marker.get("shard_id") != shard_id:
             raise RuntimeError(f"shard {shard_id}: the worker returned the marker of shard {marker.get('shard_id')}")
         stats = marker.get("stats", {})
         totals["shards_run"] += 1
         totals["samples"] += int(marker.get("num_samples", 0))
         totals["attempts"] += int(stats.get("attempts", 0))
-        elapsed = bar.format_dict.get("elapsed") or 0.0
+        elapsed = bar.elapsed
         bar.set_postfix(samples=totals["samples"], cand_per_s=f"{totals['attempts'] / max(elapsed, 1e-9):.1f}",
                         refresh=False)
         bar.update(1)

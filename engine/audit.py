@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from facegen.engine.dataset.manifest import completed_shards
 from facegen.engine.dataset.reader import iter_batches
 from facegen.engine.dataset.samples import sample_key
 from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.progress import progress_bar
 from facegen.engine.storage import Storage
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError
@@ -65,7 +65,7 @@ def audit_dataset(dataset: Storage, index: PrivacyIndex, embedder: FaceEmbedder,
     index.check_compatible(embedder)
     keys, labels, vis_sims, nir_sims, rows = [], [], [], [], []
     total = sum(m.get("num_samples", 0) for m in completed_shards(dataset).values())
-    with tqdm(total=total, desc="audit", unit="img", disable=not progress) as bar:
+    with progress_bar(total, "audit", "img", progress) as bar:
         for batch in iter_batches(dataset, batch_size):
             vis_sim, vis_row = index.max_similarity(embedder.embed(batch.vis.transpose(0, 3, 1, 2)))
             row = vis_row

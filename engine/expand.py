@@ -26,7 +26,8 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
     spec, device = bundle.spec, bundle.device
     K, limits = spec.samples_per_identity, spec.filter
     labels = np.asarray(labels, np.int64)
-    all_anchors = torch.from_numpy(identities.anchor).to(device)
+    # torch.tensor copies: under Ray the identities arrive read-only from the object store.
+    all_anchors = torch.tensor(identities.anchor, device=device)
     own_anchor = all_anchors[torch.from_numpy(labels).to(device)]
     state = _ShardState(len(labels), K, identities.anchor.shape[1], device)
 

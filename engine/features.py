@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from facegen.engine.index.sources import IMAGE_EXTENSIONS, decode_image, embed_image_batch
+from facegen.engine.progress import progress_bar
 from facegen.engine.storage import Storage
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError
@@ -144,7 +144,7 @@ def embed_files(storage: Storage, relatives: list[str], embedder: FaceEmbedder, 
     undecodable = np.zeros(len(relatives), bool)
     failures: list[tuple[str, str]] = []
     chunks = [range(s, min(s + batch_size, len(relatives))) for s in range(0, len(relatives), batch_size)]
-    bar = tqdm(total=len(relatives), desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(len(relatives), desc, "img", progress)
     with ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode") as pool:
         submit = lambda rows: [pool.submit(decode_image, storage, relatives[i]) for i in rows]  # noqa: E731
         pending = submit(chunks[0]) if chunks else []

@@ -87,8 +87,10 @@ class LineProgress:
     def __enter__(self) -> LineProgress:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        self.closed = True  # interrupted or failed: the caller reports it, no closing line
 
 
 class _Silent(LineProgress):

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from facegen.engine.bundle import Bundle, check_compatible, resolve_device
 from facegen.engine.dataset.formats import shard_writer
@@ -24,6 +23,7 @@ from facegen.engine.expand import expand_shard
 from facegen.engine.identities import IDENTITIES_FILE, read_identities, write_identities
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.phases import Identities, Proposals, Selection, propose
+from facegen.engine.progress import progress_bar
 from facegen.engine.quality import make_quality_gate
 from facegen.engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
 from facegen.engine.storage import Storage
@@ -109,7 +109,7 @@ def select_identities(spec: JobSpec, out: Storage, propose_many: ProposeMany,
         return read_identities(out)
     selection = Selection(wanted=spec.identities, threshold=spec.privacy.separability)
     results = propose_many(proposal_blocks(spec))
-    with tqdm(total=spec.identities, desc="identities", unit="id", disable=not progress) as bar:
+    with progress_bar(spec.identities, "identities", "id", progress) as bar:
         for proposals in results:
             selection.offer(proposals)
             bar.update(selection.accepted - bar.n)
@@ -171,8 +171,10 @@ def run_local(spec: JobSpec, resume: bool = False, progress: bool = True) -> dic
     bundle = load_bundle(spec, out)
     identities, selection = select_identities(spec, out, local_proposer(bundle), progress)
     todo = pending_shards(spec, out, len(identities))
-    for shard_id in tqdm(todo, desc="shards", unit="shard", disable=not progress):
-        run_shard(bundle, identities, out, shard_id)
+    with progress_bar(len(todo), "shards", "shard", progress) as bar:
+        for shard_id in todo:
+            run_shard(bundle, identities, out, shard_id)
+            bar.update(1)
     from facegen.engine.summary import finalize
 
     return finalize(spec, out, identities, selection, bundle.index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from facegen.models.errors import JobFailed, UserError
@@ -52,14 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = _stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("facegen: interrupted", file=sys.stderr)
+        return 130
     except UserError as err:
         print(f"facegen: error: {err}", file=sys.stderr)
         return 2
     except JobFailed as err:
         print(f"facegen: failed: {err}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (`kill`, `facegen stop`, a scheduler's stop) stops a command as Ctrl-C does: cleanly, with a
+    one-line message and exit 130. Only the main thread can install handlers; elsewhere nothing changes."""
+    try:
+        return signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

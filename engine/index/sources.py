@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from tqdm import tqdm
 
+from facegen.engine.progress import progress_bar
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
@@ -234,7 +234,7 @@ def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int
         wanted = "named {identity}_{sample}.ext " if require_identity else ""
         raise UserError(f"{storage.url()}: no images {wanted}found")
     vectors, identities, files = [], [], []
-    bar = tqdm(total=len(named), desc="embedding real images", unit="img", disable=not progress)
+    bar = progress_bar(len(named), "embedding real images", "img", progress)
     chunks = [named[start : start + batch_size] for start in range(0, len(named), batch_size)]
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         # Decode batch i+1 in threads while the embedder works on batch i.

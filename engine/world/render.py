@@ -137,7 +137,8 @@ def render_faces(ident: Identity, nuis: Nuisance, resolution: int, seed: int, id
 
 def _background(canvas: Canvas, nuis: Nuisance, resolution: int) -> None:
     u = (np.arange(resolution, dtype=np.float32) + 0.5) * (2.0 / resolution) - 1.0
-    along = col(np.cos(nuis.background_angle)) * u[None, None, :] + col(np.sin(nuis.background_angle)) * u[None, :, None]
+    angle = nuis.background_angle
+    along = col(np.cos(angle)) * u[None, None, :] + col(np.sin(angle)) * u[None, :, None]
     t = (0.5 + 0.35 * along)[:, None]
     first, second = nuis.background[:, 0, :, None, None], nuis.background[:, 1, :, None, None]
     colour = first * (1 - t) + second * t

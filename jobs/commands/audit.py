@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from facegen.engine.audit import audit_dataset, write_audit
-from facegen.engine.index.search import PrivacyIndex
-from facegen.engine.spec import load_spec_yaml_text
-from facegen.engine.storage import Storage
-from facegen.models.errors import UserError
-from facegen.models.loading import load_embedder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from facegen.engine.audit import audit_dataset, write_audit
+    from facegen.engine.index.search import PrivacyIndex
+    from facegen.engine.spec import load_spec_yaml_text
+    from facegen.engine.storage import Storage
+    from facegen.models.errors import UserError
+    from facegen.models.loading import load_embedder
+
     options = dict(item.split("=", 1) for item in args.storage_option)
     dataset = Storage(args.dataset, options)
     threshold = args.threshold
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     embedder = load_embedder(args.embedder)
     index = PrivacyIndex.open(args.index, options)
     result = audit_dataset(dataset, index, embedder, threshold, include_nir=args.nir, batch_size=args.batch,
-                           progress=sys.stderr.isatty())
+                           progress=True)
     if args.out:
         folder, _, name = args.out.rpartition("/")
         write_audit(result, Storage(folder or ".", options), name)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from facegen.jobs.commands.models import describe, print_summary
-from facegen.models.checkpoint import save_native
-from facegen.models.loading import detect_format, load_module
-
 
 def run_convert(args: argparse.Namespace) -> int:
+    from facegen.jobs.commands.models import describe, print_summary
+    from facegen.models.checkpoint import save_native
+    from facegen.models.loading import detect_format, load_module
+
     fmt = detect_format(args.src)
     module = load_module(args.src, what=args.what)
     path = save_native(module, args.dst)

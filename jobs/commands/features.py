@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from facegen.engine.features import FEATURES_FILE, MODES, NIR_FEATURES_FILE, compute_identity_features
 from facegen.jobs.commands.index import parse_storage_options
+
+# engine.features (torch) loads when the command runs; tests/jobs/test_cli_start.py checks these copies.
+FEATURES_FILE = "identity_features.json"
+NIR_FEATURES_FILE = "identity_features_nir.json"
+MODES = ("all", "one")
 
 SHOW = 10  # skipped/failed files listed by name; the rest are counted
 
@@ -43,6 +47,7 @@ def _list(title: str, items: list[tuple[str, str]]) -> None:
 
 
 def run_features(args: argparse.Namespace) -> int:
+    from facegen.engine.features import compute_identity_features
     from facegen.models.loading import load_embedder
 
     embedder = load_embedder(args.embedder).to(args.device)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from typing import TYPE_CHECKING
 
-from facegen.engine.spec import JobSpec, build_spec, load_spec_file, spec_hash, spec_to_yaml
 from facegen.models.errors import UserError
+
+if TYPE_CHECKING:  # the spec module (pydantic) loads when a command runs, not when the CLI starts
+    from facegen.engine.spec import JobSpec
 
 # The original generate_recognition_data.py flags (and the ones for what it hard-coded) -> spec keys.
 COMPAT_FLAGS = {
@@ -52,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override any spec key, e.g. privacy.threshold=0.6 (repeatable)")
     p.add_argument("--out", "--outdir", dest="out", help="dataset location (local path or fsspec URI)")
     p.add_argument("--resume", action="store_true", help="continue the job already in the output location")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved spec and the plan; do nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="open and cross-check every input (models, index, output), print the resolved spec and "
+                        "the plan; write nothing")
     p.add_argument("--executor", choices=["local", "ray"], help="run in this process, or on Ray")
     p.add_argument("--address", help="Ray cluster address for --executor ray")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where models run")
@@ -81,6 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_spec(args: argparse.Namespace) -> JobSpec:
+    from facegen.engine.spec import build_spec, load_spec_file
+
     tree = load_spec_file(args.job) if args.job else {}
     flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in COMPAT_FLAGS.items()
              if getattr(args, flag, None) is not None]
@@ -92,15 +100,50 @@ def resolve_spec(args: argparse.Namespace) -> JobSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from facegen.engine.spec import spec_hash, spec_to_yaml
+
     spec = resolve_spec(args)
     if args.dry_run:
+        from facegen.engine.preflight import preflight
+
+        checked = preflight(spec, args.resume)
         print(spec_to_yaml(spec), end="")
+        for line in checked:
+            print(f"# {line}")
         print(f"# spec sha256: {spec_hash(spec)}")
         print(f"# plan: {spec.identities} identities x {spec.samples_per_identity} samples in {spec.num_shards} "
               f"shards of up to {spec.identities_per_shard} identities; at most {spec.max_slots} identity "
               f"proposals; executor {spec.run.executor}; output {spec.output.uri}")
         return 0
-    return print_summary(spec, execute(spec, args.resume))
+    try:
+        report = execute(spec, args.resume)
+    except KeyboardInterrupt:
+        print(f"facegen: {interrupted(spec)}", file=sys.stderr)
+        return 130
+    except SystemExit as stop:  # Ray's driver turns SIGTERM into sys.exit(SIGTERM)
+        if stop.code != signal.SIGTERM:
+            raise
+        print(f"facegen: {interrupted(spec)}", file=sys.stderr)
+        return 130
+    return print_summary(spec, report)
+
+
+def interrupted(spec: JobSpec) -> str:
+    """One line for Ctrl-C / SIGTERM: how far the job got, from what is on storage."""
+    from facegen.engine.dataset.manifest import completed_shards
+    from facegen.engine.identities import IDENTITIES_FILE, read_identities
+    from facegen.engine.run import num_shards
+    from facegen.engine.storage import Storage
+
+    try:
+        out = Storage(spec.output.uri, spec.output.storage_options)
+        if not out.exists(IDENTITIES_FILE):
+            return "interrupted while selecting identities, before any shard; rerun with --resume"
+        total = num_shards(spec, len(read_identities(out)[0]))
+        return f"interrupted after {len(completed_shards(out))} of {total} shards; rerun with --resume"
+    except Exception:  # noqa: BLE001 - the message must not turn an interrupt into a traceback
+        return "interrupted; rerun with --resume"
+
 
 
 def print_summary(spec: JobSpec, report: dict) -> int:

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from facegen.engine.index import (
-    BACKENDS,
-    DEFAULT_FMRS,
-    PrivacyIndex,
-    build_index,
-    calibrate,
-    embeddings_from_identity_features,
-    embeddings_from_images,
-    embeddings_from_table,
-    normalize_rows,
-)
-from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from facegen.engine.index import PrivacyIndex
+
+# engine.index (torch, faiss) loads when an index command runs; tests/jobs/test_cli_start.py checks
+# that these copies equal engine.index.BACKENDS and DEFAULT_FMRS.
+BACKENDS = ("auto", "faiss", "torch", "numpy")
+DEFAULT_FMRS = (1e-3, 1e-4)
 
 SHOW_SKIPPED = 10  # skipped files listed by name; the rest are counted
 
@@ -114,6 +110,14 @@ def _load_embedder(path: str, device: str):
 
 # ----------------------------------------------------------------------------------- build
 def run_build(args: argparse.Namespace) -> int:
+    from facegen.engine.index import (
+        build_index,
+        embeddings_from_identity_features,
+        embeddings_from_images,
+        embeddings_from_table,
+    )
+    from facegen.engine.storage import Storage
+
     options = parse_storage_options(args.storage_option)
     embedder = _load_embedder(args.embedder, args.device) if args.embedder else None
     if args.images:
@@ -146,6 +150,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- calibrate
 def run_calibrate(args: argparse.Namespace) -> int:
+    from facegen.engine.index import PrivacyIndex, calibrate
+
     index = PrivacyIndex.open(args.uri, parse_storage_options(args.storage_option), backend="numpy")
     entries = calibrate(index, args.fmr or DEFAULT_FMRS, max_impostor_pairs=args.max_impostor_pairs,
                         max_genuine_pairs=args.max_genuine_pairs, seed=args.seed)
@@ -162,6 +168,8 @@ def _threshold_line(entry: dict) -> str:
 
 # ------------------------------------------------------------------------------------ info
 def run_info(args: argparse.Namespace) -> int:
+    from facegen.engine.index import PrivacyIndex
+
     index = PrivacyIndex.open(args.uri, parse_storage_options(args.storage_option))
     info = index.info
     if args.json:
@@ -189,6 +197,10 @@ def run_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- query
 def _query_embeddings(args: argparse.Namespace, index: PrivacyIndex, options: dict
                       ) -> tuple[np.ndarray, list[str]]:
+    import numpy as np
+
+    from facegen.engine.index import embeddings_from_images, normalize_rows
+
     if args.embeddings:
         try:
             matrix = np.load(args.embeddings, allow_pickle=False)
@@ -210,6 +222,8 @@ def _query_embeddings(args: argparse.Namespace, index: PrivacyIndex, options: di
 
 
 def run_query(args: argparse.Namespace) -> int:
+    from facegen.engine.index import PrivacyIndex
+
     options = parse_storage_options(args.storage_option)
     index = PrivacyIndex.open(args.uri, options, backend=args.backend, device=args.device)
     queries, names = _query_embeddings(args, index, options)

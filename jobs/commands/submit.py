@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from facegen.engine.spec import build_spec, load_spec_file
-
 
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
@@ -48,6 +46,8 @@ def run_submit(args: argparse.Namespace) -> int:
     from facegen.cluster import jobs_api
 
     overrides = list(args.overrides) + ([f"output.uri={json.dumps(args.out)}"] if args.out else [])
+    from facegen.engine.spec import build_spec, load_spec_file
+
     spec = build_spec(load_spec_file(args.job), overrides)
     job_id = jobs_api.submit(args.address, spec, resume=args.resume, submission_id=args.job_id, token=args.token)
     print(job_id, flush=True)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from facegen.engine.spec import load_spec_file
-from facegen.engine.training.launch import Prepared, prepare, run_local
-from facegen.engine.training.spec import TrainSpec, build_train_spec, train_spec_to_yaml
 from facegen.models.errors import UserError
+
+if TYPE_CHECKING:  # torch and the training engine load when the command runs, not when the CLI starts
+    from facegen.engine.training.launch import Prepared
+    from facegen.engine.training.spec import TrainSpec
 
 # The original training.py flags -> spec keys (values pass through YAML parsing, so 0/1 work as bools).
 COMPAT_FLAGS = {
@@ -115,14 +117,21 @@ def resolve_spec(args: argparse.Namespace) -> TrainSpec:
             raise UserError(f"--metrics: {unknown} not supported; choose from {list(METRICS)}")
         if names == ["none"]:
             flags.append("metrics.fid_weights=null")
+    from facegen.engine.training.spec import build_train_spec
+
     return build_train_spec(tree, flags + list(args.overrides))
 
 
 def _load_tree(path: str) -> dict:
+    from facegen.engine.spec import load_spec_file
+
     return load_spec_file(path, "training spec")
 
 
 def run(args: argparse.Namespace) -> int:
+    from facegen.engine.training.launch import prepare
+    from facegen.engine.training.spec import train_spec_to_yaml
+
     spec = resolve_spec(args)
     if args.dry_run:
         prepared = prepare(spec, create=False)
@@ -144,4 +153,6 @@ def execute(spec: TrainSpec, prepared: Prepared) -> dict:
         from facegen.cluster.train import run_ray_training
 
         return run_ray_training(spec, prepared)
+    from facegen.engine.training.launch import run_local
+
     return run_local(spec, prepared)
