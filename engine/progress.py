@@ -46,6 +46,7 @@ class LineProgress:
         self.n = 0
         self.postfix = ""
         self.start = self.last = clock()
+        self.shown = -1  # `n` at the last line
         self.closed = False
 
     @property
@@ -77,12 +78,13 @@ class LineProgress:
 
     def _emit(self) -> None:
         print(self.line(), file=self.stream, flush=True)
-        self.last = self.clock()
+        self.last, self.shown = self.clock(), self.n
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._emit()
+            if self.n != self.shown:  # the closing line, unless the last line already said it
+                self._emit()
 
     def __enter__(self) -> LineProgress:
         return self

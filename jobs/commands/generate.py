@@ -156,7 +156,7 @@ def print_summary(spec: JobSpec, report: dict) -> int:
 
 
 def execute(spec: JobSpec, resume: bool) -> dict:
-    progress = sys.stderr.isatty()
+    progress = True  # a bar on a terminal, throttled lines elsewhere (engine.progress)
     if spec.run.executor == "ray":
         try:
             from facegen.cluster.executor import run_ray
