@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from facegen.models.errors import UserError
+
+if TYPE_CHECKING:  # torch loads when the command runs, not when the CLI starts
+    import torch
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -69,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_npy(uri: str) -> torch.Tensor:
+    import numpy as np
+    import torch
+
     from facegen.engine.storage import Storage
 
     folder, _, name = uri.rpartition("/")

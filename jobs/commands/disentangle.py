@@ -11,8 +11,6 @@ import argparse
 import io
 import sys
 
-import numpy as np
-
 from facegen.models.errors import UserError
 
 
@@ -165,6 +163,8 @@ def _space(path: str):
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from facegen.engine.anonymise.rank import read_ranks, to_grid
 
     grid = to_grid(read_ranks(_read(args.ranks), args.ranks), _space(args.generator), args.space, args.width)
@@ -176,6 +176,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from facegen.engine.anonymise.rank import from_grid, ranks_bytes
 
     try:
