@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 INTERVAL_ENV = "FACEGEN_PROGRESS_SECONDS"
@@ -132,3 +133,21 @@ def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True, 
     if stream.isatty():
         return _Bar(total=total, desc=desc, unit=unit, file=stream)
     return LineProgress(total, desc, unit, stream, log_interval())
+
+
+def progress_callback(desc: str, unit: str, enabled: bool = True, *,
+                      stream: TextIO | None = None) -> Callable[[int, int], None]:
+    """For code that reports `(done, total)` instead of holding a bar: the same bar or lines, opened on
+    the first report and closed when done reaches total."""
+    state: dict[str, Any] = {}
+
+    def report(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = progress_bar(total, desc, unit, enabled, stream=stream)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            state.pop("bar")
+
+    return report

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from typing import TYPE_CHECKING
 
 from facegen.models.errors import UserError
@@ -88,16 +87,13 @@ def _load_npy(uri: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def _progress(done: int, total: int) -> None:
-    print(f"\ranonymize: {done}/{total} shards", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
     from facegen.engine.anonymise.metric import Metric
     from facegen.engine.anonymise.rank import read_ranks
     from facegen.engine.anonymise.run import AnonymiseJob, anonymise_generated
     from facegen.engine.anonymise.swap import Swapper
     from facegen.engine.index.search import PrivacyIndex
+    from facegen.engine.progress import progress_callback
     from facegen.engine.storage import Storage
     from facegen.models.latent_space import LatentSpace
     from facegen.models.loading import load_embedder, load_generator
@@ -129,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     swapper = Swapper(space, embedder, job.metric, job.batch_size)
     out = Storage(args.out)
     report = anonymise_generated(swapper, table, job, out, index=index, sources_ws=sources, targets_ws=targets,
-                                 curve_pairs=args.curve_pairs, progress=_progress)
+                                 curve_pairs=args.curve_pairs,
+                                 progress=progress_callback("anonymize", "shard"))
     totals, privacy = report["totals"], report["privacy"]
     print(f"anonymised {totals['written']} of {totals['sources']} sources into {args.out} "
           f"({totals['dropped']} dropped, {totals['retried']} retried); max similarity to source "

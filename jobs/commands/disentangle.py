@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 
 from facegen.models.errors import UserError
 
@@ -110,9 +109,10 @@ def _write(uri: str, data: bytes) -> None:
 
 
 def _progress(label: str):
-    def report(done: int, total: int) -> None:
-        print(f"\r{label}: {done}/{total} tasks", end="\n" if done == total else "", file=sys.stderr, flush=True)
-    return report
+    """A bar on a terminal, plain lines elsewhere (engine.progress)."""
+    from facegen.engine.progress import progress_callback
+
+    return progress_callback(label, "task")
 
 
 def run_rank(args: argparse.Namespace) -> int:

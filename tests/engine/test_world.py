@@ -65,6 +65,20 @@ def test_layout_is_what_index_features_and_training_read(world):
     assert (len(data), data.resolution) == (12, 64)
 
 
+def test_contact_sheet_holds_the_first_identities_as_vis_nir_pairs(world, tmp_path):
+    from facegen.engine.sheets import grid_size
+
+    sheet = tmp_path / "sheet.png"
+    assert main(["world", "render", "--identities", "4", "--samples", "3", str(tmp_path / "w"),
+                 "--sheet", str(sheet)]) == 0
+    grid = np.asarray(Image.open(sheet))
+    assert grid.shape == (*grid_size(12, 3, 64), 3)
+    with Image.open(world / "VIS" / "00001_02.png") as vis, Image.open(world / "NIR" / "00001_02.png") as nir:
+        top, left = 1 * (64 + 4), 2 * (128 + 4)  # identity 1, sample 2
+        assert np.array_equal(grid[top:top + 64, left:left + 64], np.asarray(vis))
+        assert np.array_equal(grid[top:top + 64, left + 64:left + 128, 0], np.asarray(nir))
+
+
 def test_rerun_and_resume_are_byte_identical(world, tmp_path, capsys):
     again = tmp_path / "again"
     assert main(["world", "render", "--identities", "4", "--samples", "3", str(again)]) == 0

@@ -79,6 +79,19 @@ def test_progress_lines_are_throttled_and_say_rate_and_eta():
     ]
 
 
+def test_a_done_total_callback_gets_the_same_lines():
+    from facegen.engine.progress import progress_callback
+
+    stream = io.StringIO()
+    report = progress_callback("anonymize", "shard", stream=stream)
+    for done in range(4):
+        report(done, 3)  # opens at 0/3, closes at 3/3
+    report(1, 2)  # a second run through the same callback gets a new bar
+    report(2, 2)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["facegen: anonymize 3/3", "facegen: anonymize 2/2"]
+
+
 def test_an_interrupted_bar_prints_no_closing_line():
     stream = io.StringIO()
     with pytest.raises(KeyboardInterrupt), LineProgress(4, "shards", "shard", stream, interval=60.0) as bar:
