@@ -34,12 +34,18 @@ class FRTransform:
         shrinks (antialiasing), like the embedder's default `bilinear_antialias`."""
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image = image.convert("RGB")
-                if image.size != (self.size, self.size):
-                    image = image.resize((self.size, self.size), Image.BILINEAR)
-                return np.asarray(image)
+                return self._resized(image.convert("RGB"))
         except (OSError, ValueError) as err:
             raise UserError(f"{where}: cannot decode image ({err})") from err
+
+    def pixels(self, array: np.ndarray) -> np.ndarray:
+        """A decoded uint8 HxWx3 (or HxW) image at `size` x `size`, RGB."""
+        return self._resized(Image.fromarray(array).convert("RGB"))
+
+    def _resized(self, image: Image.Image) -> np.ndarray:
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BILINEAR)
+        return np.asarray(image)
 
     def to_tensor(self, pixels: np.ndarray, flip: bool) -> torch.Tensor:
         if flip:

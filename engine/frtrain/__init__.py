@@ -1,0 +1,1 @@
+"""Face-recognition training on generated shards: iResNet + margin head (ArcFace / CosFace) + partial FC."""
