@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "audit",
     "features",
     "train",
+    "train_fr",
     "submit",
     "models",
     "convert",

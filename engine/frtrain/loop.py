@@ -128,6 +128,7 @@ class FRTrainer:
         self.opt_head = torch.optim.SGD(self.head.parameters(), lr=o.lr, momentum=o.momentum,
                                         weight_decay=o.weight_decay)
         self.step, self.position, self.restored_from = 0, Position(), None
+        self._generation_done, self.generating_at_batch = not spec.data.follow, []
 
     def log(self, line: str) -> None:
         if self.run_dir is not None:
@@ -227,6 +228,7 @@ class FRTrainer:
         losses, started = [], time.monotonic()
         while self.step < self.total:
             images, labels = next(stream)
+            self.generating_at_batch.append(self.still_generating())  # per step of this log interval
             if ctx.step_hook is not None:
                 ctx.step_hook(ctx, self.step)
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
@@ -240,6 +242,12 @@ class FRTrainer:
         self.save(final=True)
         return self.finish()
 
+    def still_generating(self) -> bool:
+        """Following: the job had not written its report when this batch arrived (once done, stays done)."""
+        if not self._generation_done:
+            self._generation_done = self.data.catalog.finished()
+        return not self._generation_done
+
     def write_stats(self, losses: list[float], started: float) -> None:
         if self.run_dir is None:
             return
@@ -249,7 +257,8 @@ class FRTrainer:
                  "lr": lr_at(self.spec, self.step - 1, self.total),
                  "images_per_s": len(losses) * self.spec.optim.batch_size / seconds,
                  "shards_complete": len(catalog.storage.list("done", ".json")),
-                 "dataset_finished": catalog.finished()}
+                 "read_while_generating": sum(self.generating_at_batch)}
+        self.generating_at_batch = []
         self.log(f"step {self.step}/{self.total} epoch {entry['epoch']} loss {entry['loss']:.4f} "
                  f"lr {entry['lr']:.5f} {entry['images_per_s']:.1f} img/s")
         self.run_dir.append_stats(entry)
