@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from facegen.engine.dataset.reader import iter_batches
 from facegen.engine.evaluation import eer, tar_at_far
-from facegen.engine.reader import iter_batches
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from facegen.engine.dataset.codec import default_workers, encode_image
+from facegen.engine.dataset.reader import iter_batches
 from facegen.engine.frdata.images import FRTransform
-from facegen.engine.reader import iter_batches
-from facegen.engine.shards import default_workers, encode_image
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from facegen.engine.manifest import completed_shards, manifest_path, shard_path
+from facegen.engine.dataset.manifest import completed_shards, manifest_path, shard_path
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 

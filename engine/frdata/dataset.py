@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from facegen.engine.dataset.manifest import DONE_DIR, marker_path, shard_id_of
 from facegen.engine.frdata.catalog import Catalog, ShardRows, wait_until
 from facegen.engine.frdata.images import FRTransform
 from facegen.engine.frdata.split import Share, epoch_order, shares_for
-from facegen.engine.manifest import DONE_DIR, marker_path, shard_id_of
 from facegen.models.errors import UserError
 
 MODES = ("vis", "nir", "both", "pair")

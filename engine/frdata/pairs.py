@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facegen.engine.reader import read_manifest, read_member
+from facegen.engine.dataset.reader import read_manifest, read_member
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 

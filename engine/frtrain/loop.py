@@ -282,7 +282,7 @@ class FRTrainer:
     def probe_embeddings(self) -> dict[str, Any]:
         """The trained model's embeddings of the first samples of the first shard (key order), so
         anyone can check that the saved backbone reproduces them."""
-        from facegen.engine.reader import iter_shard
+        from facegen.engine.dataset.reader import iter_shard
 
         first = next(iter(self.data.catalog.markers().values()))
         samples = list(itertools.islice(iter_shard(self.data.catalog.storage, first["shard_file"]), PROBE_SAMPLES))

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from facegen.engine.dataset.samples import ShardBatch
+from facegen.engine.dataset.webdataset import write_shard
 from facegen.engine.export.folder import write_image_folder
 from facegen.engine.export.source import encoded_samples
 from facegen.engine.frdata import FRDataset, fr_loader, identity_counts
 from facegen.engine.frdata.images import FRTransform
-from facegen.engine.shards import ShardBatch, write_shard
 from facegen.engine.storage import Storage
 
 

@@ -55,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stored_size(storage: Storage) -> int:
-    from facegen.engine.reader import read_manifest
+    from facegen.engine.dataset.reader import read_manifest
 
     return int(read_manifest(storage)["height"][0].as_py())

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from facegen.cluster.train_fr import run_ray_fr_training
+from facegen.engine.dataset.reader import iter_shard
 from facegen.engine.frtrain.launch import prepare
 from facegen.engine.frtrain.spec import build_fr_spec
-from facegen.engine.reader import iter_shard
 from facegen.engine.storage import Storage
 from facegen.models.importers.insightface import load_insightface_pth
 from facegen.models.loading import load_embedder

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from facegen.engine.shards import ShardBatch, write_shard
+from facegen.engine.dataset.samples import ShardBatch
+from facegen.engine.dataset.webdataset import write_shard
 from facegen.engine.storage import Storage
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from facegen.engine.dataset.reader import iter_dataset
 from facegen.engine.evaluation import kfold_accuracy
 from facegen.engine.frtrain.checkpoint import save_backbone
-from facegen.engine.reader import iter_dataset
 from facegen.engine.storage import Storage
 from facegen.jobs.cli import main
 from facegen.models.iresnet import IResNet, IResNetConfig
