@@ -8,10 +8,6 @@ import html
 import json
 import os
 
-from facegen.engine.dataset_eval import dataset_separability, embed_dataset
-from facegen.engine.plots import histogram_png
-from facegen.engine.storage import Storage
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -38,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and pyarrow load only when the command runs, so `facegen --help` starts fast
+    from facegen.engine.dataset_eval import dataset_separability, embed_dataset
+    from facegen.engine.plots import histogram_png
+    from facegen.engine.storage import Storage
     from facegen.models.loading import load_embedder
 
     embedder = load_embedder(args.embedder)

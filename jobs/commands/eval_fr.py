@@ -6,10 +6,6 @@ import argparse
 import json
 import os
 
-from facegen.engine.evaluation import roc, verification_report
-from facegen.engine.frdata.pairs import dataset_pairs, pair_scores, read_lfw_pairs
-from facegen.engine.plots import roc_png
-from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
 
@@ -42,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch, pyarrow and numpy load only when the command runs, so `facegen --help` starts fast
+    from facegen.engine.evaluation import roc, verification_report
+    from facegen.engine.frdata.pairs import dataset_pairs, pair_scores, read_lfw_pairs
+    from facegen.engine.plots import roc_png
+    from facegen.engine.storage import Storage
     from facegen.models.loading import load_embedder
 
     if bool(args.dataset) == bool(args.pairs):

@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from facegen.engine.export.folder import write_image_folder
-from facegen.engine.export.recordio import write_insightface_rec
-from facegen.engine.export.source import encoded_samples
-from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
 
@@ -36,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # numpy, PIL and pyarrow load only when the command runs, so `facegen --help` starts fast
+    from facegen.engine.export.folder import write_image_folder
+    from facegen.engine.export.recordio import write_insightface_rec
+    from facegen.engine.export.source import encoded_samples
+    from facegen.engine.storage import Storage
+
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise UserError(f"{args.out}: output folder is not empty")
     if args.image_size < 0 or 0 < args.image_size < 8:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_size(storage: Storage) -> int:
+def _stored_size(storage) -> int:
     from facegen.engine.dataset.reader import read_manifest
 
     return int(read_manifest(storage)["height"][0].as_py())

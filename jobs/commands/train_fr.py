@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from facegen.engine.frtrain.launch import PreparedFR, prepare, run_local
-from facegen.engine.frtrain.spec import FRTrainSpec, build_fr_spec, fr_spec_to_yaml
-from facegen.engine.spec import load_spec_file
-
 FLAGS = {
     "data": "data.uri",
     "outdir": "output.dir",
@@ -58,7 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_spec(args: argparse.Namespace) -> FRTrainSpec:
+def resolve_spec(args: argparse.Namespace):
+    from facegen.engine.frtrain.spec import build_fr_spec
+    from facegen.engine.spec import load_spec_file
+
     tree = load_spec_file(args.job, "train-fr spec") if args.job else {}
     flags = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items()
              if getattr(args, flag, None) is not None]
@@ -70,6 +69,10 @@ def resolve_spec(args: argparse.Namespace) -> FRTrainSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and Ray load only when the command runs, so `facegen --help` starts fast
+    from facegen.engine.frtrain.launch import prepare
+    from facegen.engine.frtrain.spec import fr_spec_to_yaml
+
     spec = resolve_spec(args)
     if args.dry_run:
         prepared = prepare(spec, create=False)
@@ -84,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def execute(spec: FRTrainSpec, prepared: PreparedFR) -> dict:
+def execute(spec, prepared) -> dict:
+    from facegen.engine.frtrain.launch import run_local
+
     if spec.run.executor == "ray":
         from facegen.cluster.train_fr import run_ray_fr_training
 
