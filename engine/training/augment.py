@@ -1,9 +1,10 @@
 """StyleGAN2-ADA's adaptive discriminator augmentation for VIS+NIR pairs, in pure torch.
 
-`AugmentPipe` implements the 'bgc' part of upstream's pipeline (pixel blitting, general geometric
-and colour transforms) with upstream's default strengths; each transform's probability is its
-multiplier times the buffer `p`. General geometric transforms follow upstream's resampling: reflect
-padding, 2x upsampling with the orthogonal sym6 wavelet, one bilinear `grid_sample`, sym6 downsampling.
+`AugmentPipe` implements upstream's whole pipeline (pixel blitting, general geometric and colour
+transforms, image-space filtering, additive noise, cutout) with upstream's default strengths; each
+transform's probability is its multiplier times the buffer `p`. General geometric transforms follow
+upstream's resampling: reflect padding, 2x upsampling with the orthogonal sym6 wavelet, one bilinear
+`grid_sample`, sym6 downsampling.
 
 VIS+NIR (the one change from upstream): one set of parameters is drawn per sample and applied to
 both images, so the pair stays pixel-aligned. Geometry warps the 4 channels (RGB + NIR) together.
@@ -18,8 +19,8 @@ resampling (sym6 is not symmetric, so upstream's resampled x-flip is only close 
 composition is the same, only border pixels of a translated-and-warped image differ); samples whose
 drawn transform is the identity pass through untouched, so p=0 is exactly the identity; the colour
 matrix is applied with elementwise multiply-adds rather than a batched matmul, so TF32 never rounds
-the images; transform parameters are composed in float64; 'filter', 'noise' and 'cutout' are not
-implemented (ArcBiFaceGAN uses 'bgc').
+the images; transform parameters are composed in float64. Filtering, noise and cutout draw one gain
+vector, one noise strength and one cutout rectangle per sample and apply them to VIS and NIR alike.
 
 `AdaController` is upstream's p heuristic: every `interval` steps,
     p <- max(p + sign(E[sign(D(real))] - target) * batch * interval / (speed_kimg * 1000), 0).
@@ -37,25 +38,55 @@ from facegen.models.errors import UserError
 
 GEOMETRIC = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
 COLOR = ("brightness", "contrast", "lumaflip", "hue", "saturation")
-FLAGS = GEOMETRIC + COLOR
+CORRUPTIONS = ("imgfilter", "noise", "cutout")
+FLAGS = GEOMETRIC + COLOR + CORRUPTIONS
 # Upstream's default strengths (augment.py): ranges and log2 standard deviations.
 STRENGTHS = {
     "xint_max": 0.125, "scale_std": 0.2, "rotate_max": 1.0, "aniso_std": 0.2, "xfrac_std": 0.125,
     "brightness_std": 0.2, "contrast_std": 0.5, "hue_max": 1.0, "saturation_std": 1.0,
+    "imgfilter_std": 1.0, "noise_std": 0.1, "cutout_size": 0.5,
 }
 # Upstream's `--augpipe` names (train.py), plus the one-letter parts so 'b', 'g', 'c', 'bc' ... work.
 AUGPIPE_SPECS: dict[str, tuple[str, ...]] = {
     "blit": ("xflip", "rotate90", "xint"),
     "geom": ("scale", "rotate", "aniso", "xfrac"),
     "color": COLOR,
+    "filter": ("imgfilter",),
+    "noise": ("noise",),
+    "cutout": ("cutout",),
     "bg": GEOMETRIC,
-    "bgc": FLAGS,
+    "bgc": GEOMETRIC + COLOR,
+    "bgcf": GEOMETRIC + COLOR + ("imgfilter",),
+    "bgcfn": GEOMETRIC + COLOR + ("imgfilter", "noise"),
+    "bgcfnc": GEOMETRIC + COLOR + CORRUPTIONS,
 }
 _LETTERS = {"b": AUGPIPE_SPECS["blit"], "g": AUGPIPE_SPECS["geom"], "c": COLOR}
 # sym6 orthogonal wavelet lowpass taps (upstream's `wavelets['sym6']`, i.e. pywt's sym6 dec_lo).
 SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
         0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
         -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+SYM2 = (-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025)
+FILTER_EXPECTED_POWER = (10 / 13, 1 / 13, 1 / 13, 1 / 13)  # upstream: the 1/f power of the four bands
+
+
+def filter_bank() -> torch.Tensor:
+    """Upstream's 4-band filter bank [4, 43] for image-space filtering: band 0 the lowpass, bands 1-3
+    octave bandpasses, built from the sym2 wavelet's H(z)H(1/z)/2 and H(-z)H(-1/z)/2. Its rows sum to a
+    unit impulse, so unit gains are the identity."""
+    lo = torch.tensor(SYM2, dtype=torch.float64)
+    hi = lo * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    full = lambda a, b: F.conv1d(a.view(-1, 1, a.shape[-1]), b.flip(0).view(1, 1, -1),  # noqa: E731
+                                 padding=b.numel() - 1).view(a.shape[0], -1)  # row-wise full convolution
+    lo2, hi2 = full(lo[None], lo.flip(0))[0] / 2, full(hi[None], hi.flip(0))[0] / 2
+    bank = torch.zeros(4, 1, dtype=torch.float64)
+    bank[0, 0] = 1
+    for i in range(1, 4):
+        upsampled = torch.zeros(4, bank.shape[1] * 2 - 1, dtype=torch.float64)
+        upsampled[:, ::2] = bank  # zero-insert between taps
+        bank = full(upsampled, lo2)
+        start = (bank.shape[1] - hi2.numel()) // 2
+        bank[i, start:start + hi2.numel()] += hi2
+    return bank.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------- 2-D matrices
@@ -156,6 +187,7 @@ class AugmentPipe(torch.nn.Module):
         self.flags = {name: float(flags.get(name, 0.0)) for name in FLAGS}
         self.strengths = {name: float(flags.get(name, value)) for name, value in STRENGTHS.items()}
         self.register_buffer("taps", torch.tensor(SYM6) / sum(SYM6), persistent=False)
+        self.register_buffer("fbank", filter_bank(), persistent=False)
 
     def extra_repr(self) -> str:
         enabled = ", ".join(f"{k}={v:g}" for k, v in self.flags.items() if v)
@@ -174,7 +206,52 @@ class AugmentPipe(torch.nn.Module):
         color = self._sample_color(vis.shape[0], vis.device)
         if color is not None:
             vis, nir = self._apply_color(vis, nir, color)
+        if any(self.flags[name] for name in CORRUPTIONS):
+            both = self._corrupt(torch.cat([vis, nir], dim=1))
+            vis, nir = both[:, :3], both[:, 3:]
         return vis, nir
+
+    # -- filtering and corruptions (upstream's order: filter, noise, cutout) -----------------------------
+    def _corrupt(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        f, s, p, device = self.flags, self.strengths, self.p.to(images.device), images.device
+        if f["imgfilter"]:
+            images = self._filter(images, p)
+        if f["noise"]:
+            sigma = torch.randn([batch, 1, 1, 1], device=device).abs() * s["noise_std"]
+            sigma = torch.where(torch.rand([batch, 1, 1, 1], device=device) < f["noise"] * p, sigma, 0)
+            images = images + torch.randn_like(images) * sigma.to(images.dtype)
+        if f["cutout"]:
+            size = torch.full([batch, 2, 1, 1, 1], s["cutout_size"], device=device)
+            size = torch.where(torch.rand([batch, 1, 1, 1, 1], device=device) < f["cutout"] * p, size, 0)
+            center = torch.rand([batch, 2, 1, 1, 1], device=device)
+            xs = torch.arange(width, device=device).reshape(1, 1, 1, -1)
+            ys = torch.arange(height, device=device).reshape(1, 1, -1, 1)
+            outside_x = ((xs + 0.5) / width - center[:, 0]).abs() >= size[:, 0] / 2
+            outside_y = ((ys + 0.5) / height - center[:, 1]).abs() >= size[:, 1] / 2
+            images = images * torch.logical_or(outside_x, outside_y).to(images.dtype)
+        return images
+
+    def _filter(self, images: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Amplify each frequency band by 2^N(0, imgfilter_std) with probability imgfilter * p, keeping the
+        expected power; one separable filter per sample (reflect padding), as upstream."""
+        batch, channels, height, width = images.shape
+        device, bands = images.device, self.fbank.shape[0]
+        expected = torch.tensor(FILTER_EXPECTED_POWER, device=device)
+        gains = torch.ones([batch, bands], device=device)
+        for i in range(bands):
+            t_i = torch.exp2(torch.randn([batch], device=device) * self.strengths["imgfilter_std"])
+            t_i = torch.where(torch.rand([batch], device=device) < self.flags["imgfilter"] * p, t_i, 1)
+            t = torch.ones([batch, bands], device=device)
+            t[:, i] = t_i
+            gains = gains * t / (expected * t.square()).sum(dim=-1, keepdim=True).sqrt()
+        changed = (gains != 1).any(dim=1).view(batch, 1, 1, 1)
+        taps = (gains @ self.fbank.to(device)).repeat_interleave(channels, dim=0)  # [B*C, K]
+        pad = self.fbank.shape[1] // 2
+        x = F.pad(images.reshape(1, batch * channels, height, width), [pad] * 4, mode="reflect")
+        x = F.conv2d(x, taps.to(x.dtype)[:, None, None, :], groups=batch * channels)
+        x = F.conv2d(x, taps.to(x.dtype)[:, None, :, None], groups=batch * channels)
+        return torch.where(changed, x.reshape(images.shape), images)  # unit gains: exactly the identity
 
     # -- parameters --------------------------------------------------------------------------
     def _maybe(self, name: str, values: torch.Tensor, identity: float) -> torch.Tensor:
@@ -329,15 +406,16 @@ class AugmentPipe(torch.nn.Module):
 
 
 def augpipe_flags(name: str) -> dict[str, float]:
-    """`--augpipe` name -> enable flags: upstream's 'blit', 'geom', 'color', 'bg', 'bgc', or any
-    combination of the letters b (blit), g (geom), c (colour), e.g. 'c' or 'bc'."""
+    """`--augpipe` name -> enable flags: upstream's 'blit', 'geom', 'color', 'filter', 'noise', 'cutout',
+    'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc', or any combination of the letters b (blit), g (geom),
+    c (colour), e.g. 'c' or 'bc'."""
     if name in AUGPIPE_SPECS:
         names = AUGPIPE_SPECS[name]
     elif name and set(name) <= set(_LETTERS):
         names = tuple(flag for letter in name for flag in _LETTERS[letter])
     else:
         raise UserError(f"--augpipe: {name!r} is not supported; use one of {sorted(AUGPIPE_SPECS)} or "
-                        f"letters from 'bgc' (filter, noise and cutout are not implemented)")
+                        f"letters from 'bgc'")
     return {flag: 1.0 for flag in names}
 
 

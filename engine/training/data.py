@@ -14,6 +14,7 @@ NIR x-flipped together (StyleGAN2-ADA's --mirror=1).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import posixpath
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class _FolderSource:
         vis, nir = f"VIS/{self.names[index]}", f"NIR/{self.names[index]}"
         return storage.read_bytes(vis), storage.read_bytes(nir), storage.url(vis)
 
+    def take(self, indices: np.ndarray) -> _FolderSource:
+        return _FolderSource([self.names[i] for i in indices])
+
 
 @dataclass
 class _ShardSource:
@@ -80,6 +84,9 @@ class _ShardSource:
         vis = read_member(storage, shard, int(vis_offset), int(vis_size))
         nir = read_member(storage, shard, int(nir_offset), int(nir_size))
         return vis, nir, f"{storage.url()}:{shard}:{self.keys[index]}"
+
+    def take(self, indices: np.ndarray) -> _ShardSource:
+        return _ShardSource(self.keys[indices], self.shards[indices], self.ranges[indices])
 
 
 @dataclass(eq=False)
@@ -116,6 +123,19 @@ class TrainingData(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.num_samples * (2 if self.mirror else 1)
+
+    def subset(self, size: int, seed: int) -> TrainingData:
+        """`size` base samples drawn with `seed`, kept in dataset order (StyleGAN2-ADA's `max_size`:
+        shuffle with RandomState(seed), take the first `size`, sort); mirroring applies after."""
+        if not 1 <= size <= self.num_samples:
+            raise UserError(f"data.subset: {size} must be between 1 and {self.num_samples} (the dataset's size)")
+        if size == self.num_samples:
+            return self
+        order = np.arange(self.num_samples, dtype=np.int64)
+        np.random.RandomState(seed).shuffle(order)
+        keep = np.sort(order[:size])
+        return dataclasses.replace(self, source=self.source.take(keep), labels=self.labels[keep],
+                                   conditions=self.conditions[keep], name=self.name)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not -len(self) <= index < len(self):

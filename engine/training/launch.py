@@ -15,8 +15,7 @@ import torch
 
 from facegen.engine.storage import Storage
 from facegen.engine.training.context import local_context, pick_device
-from facegen.engine.training.data import open_training_data
-from facegen.engine.training.loop import train
+from facegen.engine.training.loop import open_spec_data, train
 from facegen.engine.training.presets import Hyperparams
 from facegen.engine.training.rundir import describe, next_run_name
 from facegen.engine.training.spec import TrainSpec, resolve_hyperparams
@@ -35,9 +34,7 @@ class Prepared:
 
 def prepare(spec: TrainSpec, num_workers: int | None = None, create: bool = True) -> Prepared:
     """Validate the dataset, preset and resume source; create the run directory (unless `create=False`)."""
-    d = spec.data
-    data = open_training_data(d.uri, resolution=d.resolution, mirror=d.mirror, use_conditions=d.cond,
-                              storage_options=d.storage_options)
+    data = open_spec_data(spec)
     workers = num_workers or spec.run.num_workers
     hp = resolve_hyperparams(spec, data.resolution, workers)
     if spec.resume is not None:

@@ -27,10 +27,20 @@ from facegen.engine.training.data import TrainingData, open_training_data
 from facegen.engine.training.loss import ArcBiFaceLoss, LossConfig
 from facegen.engine.training.presets import Hyperparams
 from facegen.engine.training.rundir import RunDir
-from facegen.engine.training.spec import TrainSpec, resolve_hyperparams
+from facegen.engine.training.spec import TrainSpec, ada_speed_kimg, resolve_hyperparams
 from facegen.engine.training.state import find_start, load_optimizers, make_optimizers
 from facegen.engine.training.stats import TickStats
-from facegen.engine.training.ticks import TickWork
+from facegen.engine.training.ticks import Progress, TickSetup, TickWork
+
+
+def loss_config(spec: TrainSpec, hp: Hyperparams) -> LossConfig:
+    """The loss settings of a spec at its resolved hyperparameters (a preset may turn terms off)."""
+    ls = spec.loss
+    return LossConfig(
+        r1_gamma=hp.gamma, r1_gamma_nir=hp.gamma_nir, nir_r1=ls.nir_r1, nir_loss_weight=ls.nir_loss_weight,
+        pl_weight=ls.pl_weight if hp.path_length else 0.0, pl_batch_shrink=ls.pl_batch_shrink,
+        pl_decay=ls.pl_decay, style_mixing_prob=ls.style_mixing_prob if hp.style_mixing else 0.0,
+        original=spec.compat == "original")
 
 
 @dataclass
@@ -68,6 +78,21 @@ class StepSampler(torch.utils.data.Sampler):
             step += 1
 
 
+def set_backend_flags(spec: TrainSpec) -> None:
+    """cuDNN autotuning and TF32, as the original sets them at the start of its training loop."""
+    torch.backends.cudnn.benchmark = spec.run.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = spec.run.allow_tf32
+    torch.backends.cudnn.allow_tf32 = spec.run.allow_tf32
+
+
+def open_spec_data(spec: TrainSpec) -> TrainingData:
+    """The spec's training set (its `subset`, if any, drawn with the job seed)."""
+    d = spec.data
+    data = open_training_data(d.uri, resolution=d.resolution, mirror=d.mirror, use_conditions=d.cond,
+                              storage_options=d.storage_options)
+    return data.subset(d.subset, spec.seed) if d.subset is not None else data
+
+
 def train(spec: TrainSpec, ctx: TrainContext, run_uri: str, data: TrainingData | None = None) -> dict[str, Any]:
     """Train (or continue training) `spec` in the run directory `run_uri`; returns a summary.
 
@@ -81,9 +106,8 @@ class Trainer:
         self.spec, self.ctx, self.device = spec, ctx, ctx.device
         self.run_storage = Storage(run_uri, spec.output.storage_options)
         self.out = RunDir(self.run_storage) if ctx.is_main else None
-        d = spec.data
-        self.data = data if data is not None else open_training_data(
-            d.uri, resolution=d.resolution, mirror=d.mirror, use_conditions=d.cond, storage_options=d.storage_options)
+        set_backend_flags(spec)
+        self.data = data if data is not None else open_spec_data(spec)
         self.hp: Hyperparams = resolve_hyperparams(spec, self.data.resolution, ctx.world_size)
 
         # -- networks, optimisers, augmentation: fresh or restored ---------------------------------
@@ -100,30 +124,32 @@ class Trainer:
             self.augment_pipe.to(self.device)
         if aug.mode == "ada":
             self.ada = AdaController(batch_size=self.hp.batch_size, target=aug.target, interval=aug.interval,
-                                     speed_kimg=aug.speed_kimg, pipe=self.augment_pipe)
+                                     speed_kimg=ada_speed_kimg(spec), pipe=self.augment_pipe)
         self.conditions = torch.as_tensor(self.data.conditions, dtype=torch.float32).to(self.device)
         self.stats = TickStats(self.device)
-        self.loss = ArcBiFaceLoss(self.G, self.D, self.D_nir, LossConfig(
-            r1_gamma=self.hp.gamma, r1_gamma_nir=loss_spec.gamma_nir, nir_r1=loss_spec.nir_r1,
-            nir_loss_weight=loss_spec.nir_loss_weight, pl_weight=loss_spec.pl_weight,
-            pl_batch_shrink=loss_spec.pl_batch_shrink, pl_decay=loss_spec.pl_decay,
-            style_mixing_prob=loss_spec.style_mixing_prob), self.augment_pipe, self.stats.add)
+        self.loss = ArcBiFaceLoss(self.G, self.D, self.D_nir, loss_config(spec, self.hp), self.augment_pipe,
+                                  self.stats.add)
         self.phases = self._phases()
-        self.cur_nimg = self.cur_tick = self.batch_idx = 0
+        self.cur_nimg = self.cur_tick = self.batch_idx = 0  # the loop's counters; tick work only reads them
         self.phase_seconds: dict[str, float] | None = None  # set to {} to time each phase (syncs the device)
         self._restore_state()
         self.batches = self._batches()
-        self.ticks = TickWork(self)
+        self.ticks = TickWork(TickSetup(spec, ctx, self.hp, self.data, self.conditions, self.nets, self.start,
+                                        self.run_storage, self.out), self.progress)
 
     # -- setup helpers --------------------------------------------------------------------------------
+    @property
+    def progress(self) -> Progress:
+        return Progress(self.cur_nimg, self.cur_tick, self.batch_idx)
+
     def _phases(self) -> list[Phase]:
-        ls = self.spec.loss
+        ls, cfg = self.spec.loss, self.loss.config
         phases = [Phase("Gmain", [self.G], [self.opts["G"]], 1)]
-        if ls.pl_weight != 0:
+        if cfg.pl_weight != 0:
             phases.append(Phase("Greg", [self.G], [self.opts["G"]], ls.g_reg_interval))
         ds, dopts = [self.D, self.D_nir], [self.opts["D"], self.opts["D_NIR"]]
         phases.append(Phase("Dmain", ds, dopts, 1))
-        if self.hp.gamma != 0 or (ls.nir_r1 and self.loss.config.gamma_nir != 0):
+        if cfg.r1_gamma != 0 or (cfg.nir_r1 and cfg.gamma_nir != 0):
             phases.append(Phase("Dreg", ds, dopts, ls.d_reg_interval))
         return phases
 
@@ -165,7 +191,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.ticks.begin()
+        self.ticks.begin(self.progress)
         total_nimg = self.hp.total_kimg * 1000
         done = self.cur_nimg >= total_nimg
         while not done:
@@ -173,9 +199,28 @@ class Trainer:
                 self.ctx.step_hook(self.ctx, self.batch_idx)
             self.step()
             done = self.cur_nimg >= total_nimg
-            if done or self.ticks.due():
-                self.ticks.run(done)
-        return self.ticks.finish()
+            if done or self.ticks.due(self.progress):
+                self.ticks.run(self.progress, done, self.stats.reduce(self.ctx.world_size), self._augment_p(),
+                               self._training_state)
+                self.cur_tick += 1
+        return self.ticks.finish(self.progress)
+
+    def _augment_p(self) -> float:
+        return float(self.augment_pipe.p) if self.augment_pipe is not None else 0.0
+
+    def _training_state(self) -> dict[str, Any]:
+        """Everything a restart needs besides the networks (a collective: every rank's RNG and pl_mean)."""
+        mine = {"rng_cpu": torch.get_rng_state(), "pl_mean": float(self.loss.pl_mean),
+                "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        ranks = dist.gather_objects(mine, self.ctx.world_size)
+        return {
+            "cur_nimg": self.cur_nimg, "cur_tick": self.cur_tick, "batch_idx": self.batch_idx,
+            "world_size": self.ctx.world_size, "seed": self.spec.seed,
+            "optimizers": {name: opt.state_dict() for name, opt in self.opts.items()},
+            "augment_p": self._augment_p(),
+            "ada": self.ada.state_dict() if self.ada is not None else None,
+            "ranks": ranks,
+        }
 
     def step(self) -> None:
         """One training step: every due phase on one global batch, the EMA update, ADA."""

@@ -9,6 +9,15 @@
 The pure functions below are the terms; `ArcBiFaceLoss.accumulate_gradients` runs one training
 phase (Gmain, Greg, Dmain, Dreg) and calls `backward()`, as StyleGAN2-ADA's `StyleGAN2Loss` does.
 The original's NIR D never got R1 (a phase-name typo); `nir_r1=False` reproduces that.
+
+`original=True` reproduces three side effects of the original ArcBiFaceGAN `loss.py` that change the
+training state but not the loss values:
+- it runs G once more in every phase (a `run_G` outside the phase's own branch), so `w_avg` moves on
+  `ORIGINAL_EXTRA_MAPPING_CALLS` more mapping calls per phase (its D and D_NIR phases each count);
+- its path-length backward adds `vis[:, 0, 0, 0] * 0 + nir[:, 0, 0, 0] * 0`, which gives the parameters
+  that do not reach the penalty (the output biases) zero gradients instead of none, so Adam still
+  decays their second moments and counts the step;
+- its R1 phase reports the VIS D's real signs too, so they count in ADA's statistic.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
+# The original's extra G runs per facegen phase: one in each G phase; its Dmain's fakes come from that
+# run, plus one for its separate D_NIRmain phase; its Dreg and D_NIRreg phases run G once each.
+ORIGINAL_EXTRA_MAPPING_CALLS = {"Gmain": 1, "Greg": 1, "Dmain": 1, "Dreg": 2}
 StatFn = Callable[[str, torch.Tensor], None]
 
 
@@ -34,6 +46,7 @@ class LossConfig:
     pl_batch_shrink: int = 2
     pl_decay: float = 0.01
     style_mixing_prob: float = 0.9
+    original: bool = False  # reproduce the original's w_avg updates, zero bias gradients and ADA signs
 
     @property
     def gamma_nir(self) -> float:
@@ -134,19 +147,30 @@ class ArcBiFaceLoss:
     def accumulate_gradients(self, phase: str, real_vis: torch.Tensor, real_nir: torch.Tensor | None,
                              real_c: torch.Tensor | None, gen_z: torch.Tensor, gen_c: torch.Tensor | None,
                              gain: float) -> torch.Tensor | None:
-        """Backward of one phase's loss (times `gain`). Dmain returns the VIS D's real logits (for ADA)."""
+        """Backward of one phase's loss (times `gain`); returns the VIS D's real logits where it scored
+        them for ADA (Dmain; Dreg too with `original`), else None."""
+        real_logits = None
         if phase == "Gmain":
             self._generator_main(gen_z, gen_c, gain)
         elif phase == "Greg":
             if self.config.pl_weight != 0:
                 self._path_length(gen_z, gen_c, gain)
         elif phase == "Dmain":
-            return self._discriminator_main(real_vis, real_nir, real_c, gen_z, gen_c, gain)
+            real_logits = self._discriminator_main(real_vis, real_nir, real_c, gen_z, gen_c, gain)
         elif phase == "Dreg":
-            self._r1(real_vis, real_nir, real_c, gain)
+            real_logits = self._r1(real_vis, real_nir, real_c, gain)
+            real_logits = real_logits if self.config.original else None
         else:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
-        return None
+        if self.config.original:
+            self._original_mapping_calls(ORIGINAL_EXTRA_MAPPING_CALLS[phase], gen_z, gen_c)
+        return real_logits
+
+    @torch.no_grad()
+    def _original_mapping_calls(self, count: int, z: torch.Tensor, c: torch.Tensor | None) -> None:
+        """Only the w_avg update of the original's extra G runs (their images were never used)."""
+        for _ in range(count):
+            self.G.mapping(z, c, update_emas=True)
 
     def _generator_main(self, z: torch.Tensor, c: torch.Tensor | None, gain: float) -> None:
         vis, nir, _ = self.run_G(z, c)
@@ -167,7 +191,10 @@ class ArcBiFaceLoss:
         penalty, new_mean = path_length_penalty(lengths, self.pl_mean, self.config.pl_decay)
         self.pl_mean.copy_(new_mean.detach())
         self.stat("Loss/pl_penalty", penalty)
-        (penalty * self.config.pl_weight).mean().mul(gain).backward()
+        loss = penalty * self.config.pl_weight
+        if self.config.original:  # zero (not absent) gradients for what does not reach the penalty
+            loss = vis[:, 0, 0, 0] * 0 + (nir[:, 0, 0, 0] * 0 if nir is not None else 0) + loss
+        loss.mean().mul(gain).backward()
 
     def _discriminator_main(self, real_vis: torch.Tensor, real_nir: torch.Tensor | None,
                             real_c: torch.Tensor | None, z: torch.Tensor, c: torch.Tensor | None,
@@ -195,11 +222,12 @@ class ArcBiFaceLoss:
         return real_logits.detach()
 
     def _r1(self, real_vis: torch.Tensor, real_nir: torch.Tensor | None, real_c: torch.Tensor | None,
-            gain: float) -> None:
+            gain: float) -> torch.Tensor | None:
+        """Lazy R1 on both D's; returns the VIS D's real logits (None when its gamma is 0)."""
         cfg = self.config
         nir_r1 = cfg.nir_r1 and cfg.gamma_nir != 0 and real_nir is not None and self.D_nir is not None
         if cfg.r1_gamma == 0 and not nir_r1:
-            return
+            return None
         vis = real_vis.detach().requires_grad_(True)
         nir = real_nir.detach().requires_grad_(nir_r1) if real_nir is not None else None
         logits, logits_nir = self.run_D(vis, nir, real_c, with_nir=nir_r1)
@@ -212,3 +240,4 @@ class ArcBiFaceLoss:
             # `lg * 0` keeps every D parameter in the graph, as upstream does for DDP.
             total = total + (lg.squeeze(1) * 0 + penalty * (gamma / 2)).mean()
         total.mul(gain).backward()
+        return logits.detach() if cfg.r1_gamma != 0 else None

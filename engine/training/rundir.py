@@ -42,6 +42,7 @@ def describe(data_name: str, spec: Any, num_workers: int) -> str:
     cfg = spec.config
     parts = [re.sub(r"[^A-Za-z0-9_.+-]", "_", data_name) or "data"]
     parts += ["cond"] if spec.data.cond else []
+    parts += [f"subset{spec.data.subset}"] if spec.data.subset else []
     parts += ["mirror"] if spec.data.mirror else []
     parts.append(f"auto{num_workers}" if cfg.preset == "auto" else cfg.preset)
     parts += [f"gamma{cfg.gamma:g}"] if cfg.gamma is not None else []

@@ -26,13 +26,14 @@ class DataSpec(_Section):
     mirror: bool = Field(False, description="x-flip augmentation, applied to VIS and NIR together")
     cond: bool = Field(True, description="condition on identity features (the original's --cond)")
     resolution: int | None = Field(None, ge=4, description="resize to this (default: the images' size)")
-    loader_workers: int = Field(2, ge=0, description="DataLoader processes per training worker")
+    subset: int | None = Field(None, ge=1, description="train on a seeded random N of the pairs (--subset)")
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per training worker (--workers)")
 
 
 class ConfigSpec(_Section):
     """A preset (`--cfg`) and explicit overrides; null = the preset's value."""
 
-    preset: Literal["auto", "biface256", "paper256", "stylegan2"] = "auto"
+    preset: Literal["auto", "auto_512", "biface256", "paper256", "paper512", "paper1024", "stylegan2", "cifar"] = "auto"
     kimg: float | None = Field(None, gt=0, description="training length in thousands of real images")
     batch: int | None = Field(None, ge=1, description="global batch size")
     batch_per_worker: int | None = Field(None, ge=1, description="per forward pass (gradient accumulation)")
@@ -66,7 +67,8 @@ class AugmentSpec(_Section):
     mode: Literal["ada", "noaug", "fixed"] = "ada"
     p: float = Field(0.0, ge=0, le=1, description="augmentation probability (--aug fixed)")
     target: float = Field(0.6, gt=0, lt=1, description="ADA target of E[sign(D(real))]")
-    pipe: str = Field("bgc", description="augment pipe name")
+    pipe: str = Field("bgc", description="augment pipe: blit, geom, color, filter, noise, cutout, bg, bgc, bgcf, "
+                                         "bgcfn, bgcfnc (or letters of 'bgcfnx')")
     interval: int = Field(4, ge=1, description="steps between ADA adjustments")
     speed_kimg: float = Field(500, gt=0, description="kimg for p to move 0 -> 1")
 
@@ -88,10 +90,21 @@ class ScheduleSpec(_Section):
     grid: tuple[int, int] | None = Field(None, description="grid columns x rows (default: the original's)")
 
 
+METRIC_NAMES = ("fid50k_full", "fid50k", "kid50k_full", "kid50k")
+
+
 class MetricsSpec(_Section):
-    fid_weights: str | None = Field(None, description="Inception feature extractor (state dict); null = FID off")
-    fid_images: int = Field(50000, ge=2, description="generated images per FID (fid50k_full)")
+    names: tuple[Literal["fid50k_full", "fid50k", "kid50k_full", "kid50k"], ...] = Field(
+        ("fid50k_full",), description="metrics at network snapshots (the original's --metrics); [] = none")
+    fid_weights: str | None = Field(None, description="Inception feature extractor (state dict) for FID and KID; "
+                                                      "null = metrics off")
+    fid_images: int = Field(50000, ge=2, description="generated images per metric (the '50k')")
     fid_batch: int = Field(64, ge=1)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The metrics that will run: the named ones, when the feature extractor is given."""
+        return tuple(self.names) if self.fid_weights else ()
 
 
 class OutputSpec(_Section):
@@ -109,6 +122,8 @@ class TrainRunSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_failures: int = Field(3, ge=-1, description="automatic restarts from the last checkpoint (-1 = forever)")
     cpus_per_worker: float = Field(1, gt=0)
+    cudnn_benchmark: bool = Field(True, description="cuDNN autotuning (the original's --nobench turns it off)")
+    allow_tf32: bool = Field(False, description="TF32 matmuls and convolutions (the original's --allow-tf32)")
 
     @field_validator("num_workers")
     @classmethod
@@ -119,6 +134,9 @@ class TrainRunSpec(_Section):
 
 
 class TrainSpec(_Section):
+    compat: Literal["facegen", "original"] = Field(
+        "facegen", description="'original': reproduce the original training where it is not a bug (see "
+                               "docs/training.md); the missing NIR R1 stays fixed (loss.nir_r1=false restores it)")
     seed: int = Field(0, ge=0, lt=2**31)
     data: DataSpec
     output: OutputSpec
@@ -132,9 +150,25 @@ class TrainSpec(_Section):
 
 
 def resolve_hyperparams(spec: TrainSpec, resolution: int, num_workers: int | None = None) -> Hyperparams:
-    """`config` at this resolution on `num_workers` (default: `run.num_workers`)."""
+    """`config` at this resolution on `num_workers` (default: `run.num_workers`).
+
+    compat 'original' with `resume`: no EMA ramp-up, as the original's training.py sets for any resume.
+    """
     overrides = spec.config.model_dump(exclude={"preset"})
-    return resolve(spec.config.preset, resolution, num_workers or spec.run.num_workers, overrides)
+    if spec.compat == "original" and spec.resume is not None:
+        overrides["ema_rampup"] = 0
+    return resolve(spec.config.preset, resolution, num_workers or spec.run.num_workers, overrides,
+                   compat=spec.compat, gamma_nir=spec.loss.gamma_nir)
+
+
+ORIGINAL_RESUME_ADA_KIMG = 100  # the original's training.py: ADA reacts faster after any --resume
+
+
+def ada_speed_kimg(spec: TrainSpec) -> float:
+    """ADA's speed: `augment.speed_kimg`, or the original's 100 kimg when compat 'original' resumes."""
+    if spec.compat == "original" and spec.resume is not None:
+        return ORIGINAL_RESUME_ADA_KIMG
+    return spec.augment.speed_kimg
 
 
 def build_train_spec(tree: dict[str, Any], overrides: list[str] = ()) -> TrainSpec:

@@ -3,7 +3,8 @@ original `.pkl`; and the optimisers (Adam with lazy-regularisation scaling, SPEC
 
 Our own snapshots restore everything (G, G_ema, D, D_NIR, optimisers, kimg, ADA, RNG); an original
 StyleGAN2-ADA/ArcBiFaceGAN `.pkl` holds only networks and the ADA p, so it restarts the kimg count
-(upstream does the same), and a plain StyleGAN2-ADA pickle without `D_NIR` gets a fresh NIR D.
+(upstream does the same), and a plain StyleGAN2-ADA pickle without `D_NIR` gets a fresh NIR D. With
+compat 'original' the NIR D always starts fresh from a `.pkl`, as the original loads only G, D and G_ema.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def fresh_networks(hp: Hyperparams, resolution: int, c_dim: int, seed: int) -> d
 
 def find_start(hp: Hyperparams, resolution: int, c_dim: int, seed: int, latest_checkpoint: str | None,
                resume: str | None, storage_options: dict[str, Any] | None) -> StartPoint:
-    """A restart checkpoint wins over `--resume` (which only seeds the first attempt)."""
+    """A restart checkpoint wins over `--resume` (which only seeds the first attempt).
+
+    `hp.compat == 'original'`: a `.pkl`'s D_NIR is ignored (fresh NIR D), as the original's resume.
+    """
     fresh = fresh_networks(hp, resolution, c_dim, seed)
     if latest_checkpoint is not None:
         snap = load_snapshot(latest_checkpoint)
@@ -59,18 +63,22 @@ def find_start(hp: Hyperparams, resolution: int, c_dim: int, seed: int, latest_c
                 snap = load_snapshot(local)
                 start = StartPoint("snapshot", source, snap.networks, snap.state, snap.state.get("augment_p"))
             else:
-                start = _from_pickle(local, resume, fresh)
+                start = _from_pickle(local, resume, fresh, keep_d_nir=hp.compat != "original")
     else:
         return StartPoint("fresh", None, fresh)
     check_compatible(start, resolution, c_dim, hp)
     return start
 
 
-def _from_pickle(path: str, source: str, fresh: dict[str, torch.nn.Module]) -> StartPoint:
+def _from_pickle(path: str, source: str, fresh: dict[str, torch.nn.Module], keep_d_nir: bool = True) -> StartPoint:
     loaded = load_training_state(path)
     networks = {name: loaded[name] for name in ("G", "G_ema", "D")}
     start = StartPoint("pkl", source, networks, None, loaded.get("augment_p"))
-    if loaded.get("D_NIR") is None:
+    if not keep_d_nir:
+        networks["D_NIR"] = fresh["D_NIR"]
+        start.notes.append(f"{source}: compat 'original': the NIR D starts fresh (the original resumes G, D "
+                           f"and G_ema only)")
+    elif loaded.get("D_NIR") is None:
         networks["D_NIR"] = fresh["D_NIR"]
         start.notes.append(f"{source}: no D_NIR in the pickle (plain StyleGAN2-ADA); the NIR D starts fresh")
     else:

@@ -1,5 +1,6 @@
 """Ray Train hosting: 2 CPU workers (gloo), a worker process killed mid-run, automatic restart from the
-last checkpoint with the kimg count continuing; checkpoint storage through a pyarrow filesystem."""
+last checkpoint with the kimg count continuing; training on WebDataset shards written by `facegen
+generate`, then `--resume`; checkpoint storage through a pyarrow filesystem."""
 
 import json
 import os
@@ -7,13 +8,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from facegen.cluster.train import _storage, run_ray_training
 from facegen.engine.storage import Storage
 from facegen.engine.training.launch import prepare
 from facegen.engine.training.snapshot import load_snapshot
 from facegen.engine.training.spec import build_train_spec
-from tests.engine.training_tiny import make_dataset, tiny_tree
+from facegen.jobs.cli import main
+from facegen.models.checkpoint import save_native
+from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.iresnet import IResNet, IResNetConfig
+from tests.engine.training_tiny import TINY_CONFIG, make_dataset, tiny_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -56,6 +62,58 @@ def test_two_workers_restart_from_the_checkpoint_after_a_worker_is_killed(ray_se
     assert len(final.state["ranks"]) == 2
     options = json.loads((run_dir / "training_options.json").read_text())
     assert (options["num_gpus"], options["batch_gpu"], options["batch_size"]) == (2, 2, 4)
+
+
+def generated_shards(tmp_path: Path) -> Path:
+    """VIS+NIR+condition shards from the real `facegen generate` path, with tiny 16x16 models."""
+    real = make_dataset(tmp_path / "real")  # the real identities the privacy filter compares against
+    torch.manual_seed(0)
+    cfg = TINY_CONFIG
+    generator = save_native(Generator(GeneratorConfig(
+        z_dim=cfg["z_dim"], c_dim=8, w_dim=cfg["w_dim"], img_resolution=16, channel_base=cfg["channel_base"],
+        channel_max=cfg["channel_max"], mapping_layers=cfg["mapping_layers"], num_fp16_res=0)),
+        tmp_path / "G.safetensors")
+    embedder = save_native(IResNet(IResNetConfig(depth=18, embedding_dim=8, input_size=16, base_width=8)),
+                           tmp_path / "embedder.safetensors")
+    shards = tmp_path / "generated"
+    rc = main(["generate", "--gen_model", str(generator), "--rec_model", str(embedder), "--training_ids",
+               str(real / "identity_features.json"), "--outdir", str(shards), "--ids", "3", "--samples_per_id", "4",
+               "--executor", "local", "--privacy-threshold", "0.9999", "--same-threshold", "0.01",
+               "--diversity-threshold", "0.99999", "--max-attempts", "50"])
+    assert rc == 0
+    return shards
+
+
+def test_two_workers_train_on_generated_shards_and_resume(ray_session, tmp_path):
+    shards = generated_shards(tmp_path)
+    # 4 steps of 4 images (2 per worker) from the 12 generated pairs; ticks after steps 1 and 3, and at the end
+    tree = tiny_tree(shards, tmp_path / "out", config={"kimg": 0.016}, run={"executor": "ray", "num_workers": 2})
+    spec = build_train_spec(tree)
+    prepared = prepare(spec)
+    assert (prepared.num_items, prepared.resolution, prepared.c_dim) == (12, 16, 8)
+    summary = run_ray_training(spec, prepared)
+    run_dir = Path(prepared.run_uri)
+    assert summary["kimg"] == 0.016
+    log = (run_dir / "log.txt").read_text()
+    assert "Dataset generated: 12 items (12 pairs, mirror False), 16x16, c_dim 8" in log
+    options = json.loads((run_dir / "training_options.json").read_text())
+    assert options["spec"]["data"]["uri"] == str(shards) and options["num_gpus"] == 2
+
+    resumed_spec = build_train_spec(tree, ["config.kimg=0.024", f"resume={run_dir}"])
+    resumed = prepare(resumed_spec)
+    summary = run_ray_training(resumed_spec, resumed)
+    assert summary["kimg"] == 0.024
+    resumed_dir = Path(resumed.run_uri)
+    assert resumed_dir.name.startswith("00001-generated-cond") and resumed_dir.name.endswith("-resumecustom")
+    assert f"Resuming from snapshot {run_dir}/checkpoints/checkpoint-000000000016 at kimg 0.016" in (
+        resumed_dir / "log.txt").read_text()
+    stats = [json.loads(line) for line in (resumed_dir / "stats.jsonl").read_text().splitlines()]
+    assert [e["Progress/kimg"]["mean"] for e in stats] == [0.024]  # the kimg count continued
+    assert all(e["Progress/replica_spread"]["mean"] == 0 for e in stats)
+    final = load_snapshot(resumed_dir / "checkpoints" / "checkpoint-000000000024")
+    assert (final.state["cur_nimg"], final.state["batch_idx"], final.state["world_size"]) == (24, 6, 2)
+    # G's Adam counted on from the first run's 4 Gmain + 1 Greg steps: 6 Gmain + 2 Greg (steps 0 and 4)
+    assert final.state["optimizers"]["G"]["state"][0]["step"].item() == 8
 
 
 def test_checkpoint_storage_goes_through_the_run_directory_filesystem(s3_bucket):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from facegen.engine.training.augment import (
     AugmentPipe,
     augment_pipe_from_name,
     augpipe_flags,
+    filter_bank,
 )
 from facegen.models.errors import UserError
 
@@ -29,15 +31,20 @@ def smooth_pair(seed: int = 0, batch: int = B, size: int = R) -> tuple[torch.Ten
 
 
 def test_names_to_flags():
-    assert set(augpipe_flags("bgc")) == set(FLAGS) and len(FLAGS) == 12
+    assert set(augpipe_flags("bgc")) == set(GEOMETRIC + COLOR) and len(FLAGS) == 15
+    assert set(augpipe_flags("bgcfnc")) == set(FLAGS)
+    assert set(augpipe_flags("bgcfn")) == set(FLAGS) - {"cutout"}
+    assert set(augpipe_flags("bgcf")) == set(GEOMETRIC + COLOR) | {"imgfilter"}
+    assert (augpipe_flags("filter"), augpipe_flags("noise"), augpipe_flags("cutout")) == (
+        {"imgfilter": 1.0}, {"noise": 1.0}, {"cutout": 1.0})
     assert set(augpipe_flags("bg")) == set(GEOMETRIC)
     assert set(augpipe_flags("c")) == set(augpipe_flags("color")) == set(COLOR)
     assert set(augpipe_flags("blit")) == {"xflip", "rotate90", "xint"}
     assert set(augpipe_flags("bc")) == {"xflip", "rotate90", "xint", *COLOR}
-    with pytest.raises(UserError, match="'bgcfn' is not supported"):
-        augpipe_flags("bgcfn")
+    with pytest.raises(UserError, match="'bgcx' is not supported"):
+        augpipe_flags("bgcx")
     with pytest.raises(UserError, match="unknown option"):
-        AugmentPipe(cutout=1)
+        AugmentPipe(cutouts=1)
     pipe = augment_pipe_from_name("bgc", p=0.25)
     assert float(pipe.p) == 0.25 and "p" in pipe.state_dict() and "taps" not in pipe.state_dict()
 
@@ -205,3 +212,45 @@ def test_ada_controller_all_reduce_and_state_round_trip():
             controller.accumulate(logits)
     assert restored.p == ada.p and restored.state_dict() == ada.state_dict()
     assert ada.p > 0
+
+
+# -- image-space filtering, noise, cutout (upstream's 'f', 'n', 'c' of bgcfnc) ---------------------------------
+def _upstream_filter_bank() -> np.ndarray:
+    """StyleGAN2-ADA augment.py's construction, written with numpy's row-wise full convolution."""
+    lo = np.array([-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025])
+    hi = lo * ((-1) ** np.arange(lo.size))
+    lo2, hi2 = np.convolve(lo, lo[::-1]) / 2, np.convolve(hi, hi[::-1]) / 2
+    bank = np.eye(4, 1)
+    for i in range(1, 4):
+        bank = np.dstack([bank, np.zeros_like(bank)]).reshape(4, -1)[:, :-1]
+        bank = np.stack([np.convolve(row, lo2) for row in bank])
+        bank[i, (bank.shape[1] - hi2.size) // 2:(bank.shape[1] + hi2.size) // 2] += hi2
+    return bank
+
+
+def test_filter_bank_is_upstreams_and_unit_gains_are_the_identity():
+    bank = filter_bank()
+    assert bank.shape == (4, 43)
+    assert np.abs(bank.double().numpy() - _upstream_filter_bank()).max() < 1e-7
+    impulse = torch.zeros(43)
+    impulse[21] = 1
+    assert torch.allclose(bank.sum(0), impulse, atol=1e-6)
+
+
+def test_filter_noise_and_cutout_treat_the_pair_alike():
+    vis, nir = smooth_pair(batch=6, size=32)
+    torch.manual_seed(3)
+    out_vis, out_nir = AugmentPipe(p=1.0, imgfilter=1, cutout=1)(vis, nir)
+    assert not torch.allclose(out_vis, vis)
+    # Linear, channel-independent filter and one mask per sample: NIR stays the channel mean of VIS.
+    assert torch.allclose(out_vis.mean(dim=1, keepdim=True), out_nir, atol=1e-5)
+    holes = (out_vis == 0).all(dim=1)  # [B, H, W]: where the cutout rectangle fell
+    assert torch.equal(holes, out_nir[:, 0] == 0)
+    assert all(8 * 8 <= int(h.sum()) <= 16 * 16 for h in holes)  # 16x16 (0.5 of 32), clipped at the borders
+    torch.manual_seed(4)
+    noisy_vis, noisy_nir = AugmentPipe(p=1.0, noise=1)(vis, nir)
+    residual = torch.cat([noisy_vis - vis, noisy_nir - nir], dim=1).flatten(1)
+    assert residual.std(dim=1).max() < 0.6 and residual.abs().sum(dim=1).min() > 0  # sigma = |N(0,1)| * 0.1
+    torch.manual_seed(5)
+    same_vis, same_nir = augment_pipe_from_name("bgcfnc", p=0.0)(vis, nir)
+    assert torch.equal(same_vis, vis) and torch.equal(same_nir, nir)

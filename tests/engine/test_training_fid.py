@@ -10,7 +10,7 @@ import torch
 from facegen.engine.storage import Storage
 from facegen.engine.training import inception
 from facegen.engine.training.context import local_context
-from facegen.engine.training.fid import FeatureStats, FidMetric, frechet_distance, stats_of
+from facegen.engine.training.fid import FeatureStats, FidMetric, frechet_distance, kernel_inception_distance, stats_of
 from facegen.engine.training.inception import FIDInceptionV3, load_fid_inception
 from facegen.engine.training.loop import Trainer
 from facegen.engine.training.spec import MetricsSpec, build_train_spec
@@ -84,17 +84,20 @@ def test_inception_loader_round_trip_and_refusals(tmp_path):
 def test_fid_vis_and_nir_at_network_snapshots(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data")
     monkeypatch.setattr(inception, "load_fid_inception", lambda path: ChannelMoments())
-    tree = tiny_tree(data, tmp_path, metrics={"fid_weights": "stand-in", "fid_images": 8, "fid_batch": 4},
+    tree = tiny_tree(data, tmp_path, metrics={"fid_weights": "stand-in", "fid_images": 8, "fid_batch": 4,
+                                              "names": ["fid50k_full", "kid50k_full"]},
                      config={"kimg": 0.012}, schedule={"snap": 1})
     spec = build_train_spec(tree)
     run = Storage(str(tmp_path / "00000-fid"))
     summary = Trainer(spec, local_context(run, torch.device("cpu")), run.uri).run()
     assert summary["snapshots"] == ["network-snapshot-000000"] * 2
-    results = json.loads((tmp_path / "00000-fid" / "metric-fid-network-snapshot-000000.json").read_text())
-    assert set(results) == {"fid_vis", "fid_nir"} and all(math.isfinite(v) and v >= 0 for v in results.values())
+    results = json.loads((tmp_path / "00000-fid" / "metric-network-snapshot-000000.json").read_text())
+    assert set(results) == {"fid50k_full_vis", "fid50k_full_nir", "kid50k_full_vis", "kid50k_full_nir"}
+    assert all(math.isfinite(v) for v in results.values()) and results["fid50k_full_vis"] >= 0
     stats = [json.loads(line) for line in (tmp_path / "00000-fid" / "stats.jsonl").read_text().splitlines()]
-    assert [round(e["Metrics/fid_nir"]["mean"], 9) for e in stats][-1] == round(results["fid_nir"], 9)
-    assert "FID: on (VIS and NIR)" in (tmp_path / "00000-fid" / "log.txt").read_text()
+    assert [round(e["Metrics/fid50k_full_nir"]["mean"], 9) for e in stats][-1] == round(results["fid50k_full_nir"], 9)
+    assert "Metrics: fid50k_full, kid50k_full (VIS and NIR) at network snapshots" in (
+        tmp_path / "00000-fid" / "log.txt").read_text()
 
 
 def test_fid_metric_evaluate_uses_every_real_pair_once(tmp_path):
@@ -108,6 +111,24 @@ def test_fid_metric_evaluate_uses_every_real_pair_once(tmp_path):
     conditions = torch.as_tensor(dataset.conditions)
     first = metric.evaluate(tiny_generator(0), dataset, conditions)
     reals = sum(1 for _ in net.seen)  # 12 pairs (not the 24 mirrored items): 3 batches x VIS+NIR, + fakes
-    assert metric._real[0].count == 12 and metric._real[1].count == 12
+    assert metric._real[12][0].count == 12 and metric._real[12][1].count == 12
     assert reals == 3 * 2 + 2 * 2
     assert metric.evaluate(tiny_generator(0), dataset, conditions) == first  # seeded fakes, cached reals
+
+
+def test_kid_matches_the_published_formula_written_out():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(30, 6, generator=g), torch.randn(20, 6, generator=g) + 0.5
+    subsets, m, d = 7, 10, 6
+    got = kernel_inception_distance(real, fake, num_subsets=subsets, max_subset_size=m, seed=3)
+    # The same subsets, drawn the same way; the MMD² as pairwise sums over i != j (upstream's a.sum() - diag).
+    pick = torch.Generator().manual_seed(3)
+    k = lambda a, b: (float(a.double() @ b.double()) / d + 1) ** 3  # noqa: E731
+    total = 0.0
+    for _ in range(subsets):
+        x = fake[torch.randperm(20, generator=pick)[:m]]
+        y = real[torch.randperm(30, generator=pick)[:m]]
+        within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+        across = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+        total += within / (m - 1) - across * 2 / m
+    assert got == pytest.approx(total / subsets / m, rel=1e-9) and got > 0  # shifted fakes: a positive distance

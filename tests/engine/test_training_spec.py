@@ -46,6 +46,56 @@ def test_overrides():
     assert (d_nir.c_dim, d_nir.img_channels, d_nir.channel_base) == (0, 1, 16384)
 
 
+def test_the_originals_other_presets():
+    # training.py cfg_specs: paper512, paper1024, cifar; auto_512 halves auto's batch.
+    hp = resolve("paper512", 512, 8, {})
+    assert (hp.batch_size, hp.batch_per_worker, hp.mbstd_group, hp.channel_base, hp.lr, hp.gamma, hp.ema_kimg) == (
+        64, 8, 8, 32768, 0.0025, 0.5, 20)
+    hp = resolve("paper1024", 1024, 8, {})
+    assert (hp.batch_size, hp.batch_per_worker, hp.mbstd_group, hp.lr, hp.gamma, hp.ema_kimg) == (
+        32, 4, 4, 0.002, 2, 10)
+    hp = resolve("cifar", 32, 2, {})
+    assert (hp.batch_size, hp.batch_per_worker, hp.mbstd_group, hp.gamma, hp.ema_kimg, hp.ema_rampup,
+            hp.mapping_layers, hp.total_kimg) == (64, 32, 32, 0.01, 500, 0.05, 2, 100000)
+    assert (hp.path_length, hp.style_mixing, hp.d_architecture) == (False, False, "orig")
+    assert discriminator_configs(hp, 32, 10)[0].architecture == "orig"
+    hp = resolve("auto_512", 512, 1, {})  # mb = int(max(min(1 * min(8, 32), 64), 1) / 2) = 4
+    assert (hp.batch_size, hp.mbstd_group, hp.gamma, hp.ema_kimg) == (4, 4, pytest.approx(0.0002 * 512**2 / 4),
+                                                                      4 * 10 / 32)
+
+
+@pytest.mark.parametrize("preset, res, extra", [("stylegan2", 256, {}), ("auto", 512, {}), ("paper256", 256, {}),
+                                                ("auto", 64, {"fp32": True, "freeze_d": 2})])
+def test_compat_original_builds_the_nir_discriminator_with_fixed_settings(preset, res, extra):
+    for compat in ("facegen", "original"):
+        hp = resolve(preset, res, 2, extra, compat=compat)
+        d, d_nir = discriminator_configs(hp, res, 512)
+        assert (d_nir.c_dim, d_nir.img_channels, d_nir.architecture) == (0, 1, "resnet")
+        got = (d_nir.channel_base, d_nir.channel_max, d_nir.num_fp16_res, d_nir.conv_clamp, d_nir.mbstd_group_size,
+               d_nir.freeze_layers)
+        if compat == "original":  # ArcBiFaceGAN training_loop.py disc_kwargs, whatever the preset says
+            assert got == (16384, 512, 4, 256, 4, 0)
+        else:  # the VIS D's preset
+            assert got == (d.channel_base, d.channel_max, d.num_fp16_res, d.conv_clamp, d.mbstd_group_size,
+                           d.freeze_layers)
+    assert resolve("stylegan2", 256, 2, {}, compat="facegen").channel_base == 32768
+
+
+def test_compat_original_gamma_reaches_the_vis_d_only():
+    assert (resolve("biface256", 256, 1, {"gamma": 5.0}).gamma_nir) == 5.0
+    hp = resolve("biface256", 256, 1, {"gamma": 5.0}, compat="original")
+    assert (hp.gamma, hp.gamma_nir) == (5.0, 1)  # the NIR D keeps the preset's
+    assert resolve("biface256", 256, 1, {"gamma": 5.0}, compat="original", gamma_nir=0.25).gamma_nir == 0.25
+    spec = build_train_spec(BASE, ["compat=original", "resume=/r.pkl", "config.preset=auto"])
+    hp = resolve_hyperparams(spec, 64)
+    assert hp.ema_rampup is None  # the original's --resume turns the EMA ramp-up off ...
+    from facegen.engine.training.spec import ada_speed_kimg
+
+    assert ada_speed_kimg(spec) == 100 and ada_speed_kimg(build_train_spec(BASE)) == 500  # ... and speeds ADA up
+    with pytest.raises(UserError, match="original NIR discriminator's minibatch-stddev group 4"):
+        resolve("auto", 64, 1, {"batch": 6, "mbstd_group": 2}, compat="original")
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"batch": 5}, r"config.batch: 5 must be at least and divisible by the number of workers \(2\)"),
     ({"batch": 8, "batch_per_worker": 3}, r"config.batch_per_worker: batch 8 must be a multiple"),
@@ -67,7 +117,10 @@ def test_spec_defaults_and_resolution():
 
 @pytest.mark.parametrize("overrides, message", [
     (["loss.nir_weight=0.5"], "loss.nir_weight: unknown key"),
-    (["config.preset=paper512"], "config.preset: Input should be"),
+    (["config.preset=auto_128"], "config.preset: Input should be"),
+    (["compat=upstream"], "compat: Input should be"),
+    (["data.subset=0"], "data.subset: Input should be greater than or equal to 1"),
+    (["metrics.names=[pr50k3]"], "metrics.names.0: Input should be"),
     (["augment.p=0.2"], "augment.p: only applies with augment.mode 'fixed'"),
     (["run.executor=local", "run.num_workers=2"], "run.num_workers: the local executor runs one worker"),
     (["loss.nir_loss_weight=-1"], "loss.nir_loss_weight: Input should be greater than or equal to 0"),
