@@ -15,6 +15,7 @@ from facegen.engine.training.context import local_context
 from facegen.engine.training.loop import StepSampler, Trainer
 from facegen.engine.training.snapshot import latest_snapshot, list_snapshots, load_snapshot
 from facegen.engine.training.spec import build_train_spec
+from facegen.engine.training.state import fresh_networks
 from facegen.models.errors import UserError
 from facegen.models.loading import load_generator
 from tests.engine.training_tiny import make_dataset, tiny_tree
@@ -172,6 +173,21 @@ def test_resume_from_an_original_pickle(data, tmp_path):
     no_nir = write_snapshot(tmp_path / "plain.pkl", tmp_path / "marker", G_ema, G=G, D=D)
     trainer = _trainer(tiny_tree(data, tmp_path, resume=str(no_nir)), tmp_path / "00001-pkl")
     assert any("no D_NIR in the pickle" in note for note in trainer.start.notes)
+
+
+def test_compat_original_resumes_a_pickle_with_a_fresh_nir_d(data, tmp_path):
+    G, G_ema, D = tiny_generator(0), tiny_generator(1), tiny_discriminator(2)
+    pkl = write_snapshot(tmp_path / "network-snapshot-000120.pkl", tmp_path / "marker", G_ema, G=G, D=D,
+                         D_NIR=tiny_discriminator(3, c_dim=0, img_channels=1), augment_p=0.25)
+    trainer = _trainer(tiny_tree(data, tmp_path, resume=str(pkl), compat="original"), tmp_path / "00000-orig")
+    assert all(torch.equal(t, D.state_dict()[k]) for k, t in trainer.D.state_dict().items())  # G, D resumed
+    fresh = fresh_networks(trainer.hp, 16, 8, seed=0)["D_NIR"]  # the original's D_NIR, built from scratch
+    assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in trainer.D_nir.state_dict().items())
+    assert (trainer.D_nir.config.channel_base, trainer.D_nir.config.channel_max) == (16384, 512)
+    assert any("compat 'original': the NIR D starts fresh" in note for note in trainer.start.notes)
+    # The original's resume settings: ADA adjusts at 100 kimg, no EMA ramp-up; the ADA p is kept (its bug fixed).
+    assert (trainer.ada.speed_kimg, trainer.hp.ema_rampup, trainer.ada.p) == (100, None, 0.25)
+    assert trainer.loss.config.original is True
 
 
 def test_resume_refuses_networks_for_another_dataset(data, tmp_path):
