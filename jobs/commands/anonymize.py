@@ -2,6 +2,7 @@
 
   facegen anonymize --generator G --embedder E --ranks ranks.parquet --n 32 --count 1000 --out DIR
   facegen anonymize ... --latents sources.npy [--targets targets.npy]
+  facegen anonymize ... --images PHOTOS/ --index IDX --threshold 0.4
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ def _ints(text: str) -> tuple[int, ...]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "anonymize",
-        help="anonymise generated faces or W+ latents by swapping identity units (StyleID)",
+        help="anonymise generated faces, W+ latents or real photos by swapping identity units (StyleID)",
         description=(
             "Each source face gets the top-n ranked units (see `facegen disentangle rank`) of its W+ or StyleSpace "
             "code replaced by a target face's, or whole W+ layers with --layers; n is the privacy knob. Sources are "
-            "seeded generated faces (--count) or W+ codes (--latents, .npy [N, num_ws, w_dim]). Targets are "
-            "seeded random faces, or --targets. With --threshold an output "
+            "seeded generated faces (--count), W+ codes (--latents, .npy [N, num_ws, w_dim]) or photos (--images, "
+            "aligned square face crops, projected into W+ by optimisation first). Targets are seeded random "
+            "faces, or --targets. With --threshold an output "
             "whose identity similarity to its source (or, with --index, to any enrolled person) exceeds it is "
             "retried with a fresh random target, and dropped after --max-tries. Writes shards like `generate` "
             "(per sample: source_similarity, appearance_change) and report.json/html with the privacy/utility "
@@ -52,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--count", type=int, help="anonymise this many seeded generated faces")
     source.add_argument("--latents", help="anonymise these W+ codes (.npy float [N, num_ws, w_dim])")
+    source.add_argument("--images", help="anonymise the face photos in this folder (aligned square crops)")
     p.add_argument("--targets", help="target W+ codes (.npy [M, num_ws, w_dim]; source i takes row i mod M); "
                                      "default: seeded random faces")
     p.add_argument("--index", help="privacy index of the real people every output is certified against")
@@ -65,6 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-pairs", type=int, default=16,
                    help="face pairs for the trade-off curve in the report; 0 = no curve (default: 16)")
     p.add_argument("--lowpass", type=int, default=16, help="side of the low-pass image for appearance (default: 16)")
+    photos = p.add_argument_group("real images (--images)")
+    photos.add_argument("--steps", type=int, default=300, help="projection optimiser steps (default: 300)")
+    photos.add_argument("--learning-rate", type=float, default=0.05,
+                        help="projection Adam learning rate on W+ (default: 0.05)")
+    photos.add_argument("--identity-weight", type=float, default=0.1,
+                        help="weight of the identity loss in the projection (default: 0.1)")
+    photos.add_argument("--blend", action="store_true",
+                        help="blend the anonymised face into the photo through an elliptical face mask")
     p.set_defaults(func=run)
 
 
@@ -102,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--layers swaps whole W+ layers; use it with --space wplus")
     if args.index and args.threshold is None:
         raise UserError("--index needs --threshold (the similarity no output may exceed)")
+    if args.images and (not args.index or args.threshold is None):
+        raise UserError("--images: real people must be certified: give --index and --threshold")
     sources = _load_npy(args.latents) if args.latents else None
     targets = _load_npy(args.targets) if args.targets else None
     table = None
@@ -124,10 +137,22 @@ def run(args: argparse.Namespace) -> int:
         index.check_compatible(embedder)
     swapper = Swapper(space, embedder, job.metric, job.batch_size)
     out = Storage(args.out)
-    report = anonymise_generated(swapper, table, job, out, index=index, sources_ws=sources, targets_ws=targets,
-                                 curve_pairs=args.curve_pairs,
-                                 progress=progress_callback("anonymize", "shard"))
+    progress = progress_callback("anonymize", "shard")
+    if args.images:
+        from facegen.engine.anonymise.photos import PhotoSettings, anonymise_photos
+        from facegen.engine.anonymise.project import ProjectionSettings
+
+        projection = ProjectionSettings(steps=args.steps, learning_rate=args.learning_rate,
+                                        identity_weight=args.identity_weight)
+        settings = PhotoSettings(projection=projection, blend=args.blend)
+        report = anonymise_photos(swapper, table, job, out, args.images, settings, index=index, targets_ws=targets,
+                                  curve_pairs=args.curve_pairs, progress=progress)
+    else:
+        report = anonymise_generated(swapper, table, job, out, index=index, sources_ws=sources, targets_ws=targets,
+                                     curve_pairs=args.curve_pairs, progress=progress)
     totals, privacy = report["totals"], report["privacy"]
+    if "projection" in report:
+        print(f"projection: mean PSNR {report['projection']['mean_psnr_db']} dB over the written photos")
     print(f"anonymised {totals['written']} of {totals['sources']} sources into {args.out} "
           f"({totals['dropped']} dropped, {totals['retried']} retried); max similarity to source "
           f"{privacy['max_source_similarity']}, threshold {privacy['threshold']}")
