@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("facegen: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as stop:  # a Ray driver turns SIGTERM into sys.exit(SIGTERM)
+        if stop.code != signal.SIGTERM:
+            raise
+        print("facegen: interrupted", file=sys.stderr)
+        return 130
     except UserError as err:
         print(f"facegen: error: {err}", file=sys.stderr)
         return 2

@@ -219,3 +219,28 @@ def test_nir_twin_has_the_same_geometry_and_its_own_reflectance(population):
         assert (correlation(ev, np.roll(en, (dy, dx), axis=(1, 2))) < same).mean() >= 0.95
     # Not a grey copy of VIS: skin, hair and background reflect differently at 850 nm.
     assert np.abs(nir - luminance).mean() > 20
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_render_and_a_rerun_completes_it_byte_identically(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    out, args = tmp_path / "stopped", ["--identities", "40", "--samples", "8", "--batch", "16"]
+    proc = subprocess.Popen([sys.executable, "-m", "facegen.jobs", "world", "render", str(out), *args],
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "VIS").exists() or len(os.listdir(out / "VIS")) < 16:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.splitlines()[-1] == "facegen: interrupted", stderr
+    assert "Traceback" not in stderr and len(os.listdir(out / "VIS")) < 320
+    assert main(["world", "render", str(out), *args]) == 0
+    assert main(["world", "render", str(tmp_path / "whole"), *args]) == 0
+    assert tree_digests(out) == tree_digests(tmp_path / "whole")
