@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from facegen.engine.spec import validate_tree
 from facegen.models.iresnet import DEPTH_LAYERS
 
+DEFAULT_STEPS = 1000
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,14 +65,22 @@ class OptimSpec(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    steps: int | None = Field(None, ge=1, description="training length in optimiser steps")
+    steps: int | None = Field(None, ge=1, description=f"training length in optimiser steps ({DEFAULT_STEPS} "
+                              "when neither steps nor epochs is given)")
     epochs: float | None = Field(None, gt=0, description="or in epochs of the dataset")
     clip_grad_norm: float | None = Field(5.0, gt=0, description="backbone gradient clipping (as insightface)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
+            return {**data, "steps": DEFAULT_STEPS}
+        return data
+
     @model_validator(mode="after")
     def _one_length(self) -> OptimSpec:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps or epochs")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
         return self
 
 
@@ -107,7 +117,7 @@ class FRTrainSpec(_Section):
     output: FROutputSpec
     model: ModelSpec = ModelSpec()
     head: HeadSpec = HeadSpec()
-    optim: OptimSpec = OptimSpec(steps=1000)
+    optim: OptimSpec = OptimSpec()
     schedule: FRScheduleSpec = FRScheduleSpec()
     resume: str | None = Field(None, description="a train-fr run directory or checkpoint folder to continue")
     run: FRRunSpec = FRRunSpec()
