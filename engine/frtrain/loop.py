@@ -52,8 +52,9 @@ def open_dataset(spec: FRTrainSpec, rank: int, world_size: int) -> FRDataset:
 
 
 def expected_samples(ds: FRDataset) -> int:
-    """Samples per epoch; following a job still running, what its spec will write."""
-    if not ds.follow or ds.catalog.finished():
+    """Samples per epoch; following a job, what its spec will write (the same on every rank, whenever
+    each one looks: counting what exists could differ between ranks while the job finishes)."""
+    if not ds.follow:
         return ds.num_samples()
     from facegen.engine.spec import load_spec_yaml_text
 
