@@ -129,11 +129,15 @@ class Anonymiser:
                 passed &= similarity <= job.threshold
                 if self.index is not None:
                     passed &= real_sim <= job.threshold  # NaN fails
+            final_hwc = final.permute(0, 2, 3, 1).cpu().numpy()
+            # A photo has no NIR counterpart, so a blended output carries none.
+            nir_hw = None if swapped.nir is None or sources.finish is not None else (
+                images_to_uint8(swapped.nir)[:, 0].cpu().numpy())
             for k in np.flatnonzero(passed):
                 row = pending[k]
-                vis[row] = final[k].permute(1, 2, 0).cpu().numpy()
-                if swapped.nir is not None and sources.finish is None:
-                    nir[row] = images_to_uint8(swapped.nir[k:k + 1])[0, 0].cpu().numpy()
+                vis[row] = final_hwc[k]
+                if nir_hw is not None:
+                    nir[row] = nir_hw[k]
                 meta = {**sources.metas[row], "source_similarity": float(similarity[k]),
                         "appearance_change": float(looks[k]), "target_try": attempt}
                 if self.index is not None:

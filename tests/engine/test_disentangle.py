@@ -120,6 +120,15 @@ def test_style_space_ranking_and_swaps_run_on_both_layouts(planted):
     # The last toRGB carries the planted details: as a whole layer it ranks above the 4x4 ones.
     names = rows.column("layer_name").to_pylist()
     assert names.index("b16.torgb") < names.index("b4.conv1")
+    # StyleSpace anonymisation: the top-2 layers of the target replace the source's.
+    swapper = Swapper(space, embedder, METRIC)
+    ws = face_ws(space, 2, Stream.SWAP_SOURCE, np.arange(3))
+    source, target = space.encode("style", ws), space.encode("style", ws.roll(1, dims=0))
+    mask = space.layout("style").mask(top_units(table, "style", 0, 2))
+    swapped = swapper.swap("style", source, target, mask)
+    assert (swapped.source_similarity < 1 - 1e-4).all() and (swapped.appearance_change > 0).all()
+    nothing = swapper.swap("style", source, target, torch.zeros_like(mask))
+    np.testing.assert_allclose(nothing.source_similarity, 1.0, atol=1e-6)
     layers = layer_units(space.layout("wplus"), [space.num_ws - 1])
     assert layers.tolist() == [[space.num_ws - 1, 0, space.w_dim]]
     with pytest.raises(UserError, match="has layers"):
