@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -121,7 +123,7 @@ def ray_connection(address: str | None) -> Iterator[None]:
     options = dict(log_to_driver=True, configure_logging=False)
     if address:
         try:
-            ray.init(address=address, **options)
+            _init_keeping_sigterm(address=address, **options)
         except ConnectionError as err:
             raise UserError(f"run.address {address}: no Ray cluster answers there ({err})") from None
         try:
@@ -129,8 +131,19 @@ def ray_connection(address: str | None) -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    ray.init(include_dashboard=False, **options)
+    _init_keeping_sigterm(include_dashboard=False, **options)
     yield
+
+
+def _init_keeping_sigterm(**options) -> None:
+    """ray.init, then the SIGTERM handler the caller had installed, if any: Ray's driver replaces it with
+    sys.exit (and its native code with a stack dump), while the facegen CLI stops on SIGTERM as on Ctrl-C
+    (one line, exit 130, `--resume`)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    ray.init(**options)
+    if callable(before):
+        signal.signal(signal.SIGTERM, before)
 
 
 def open_driver_index(spec: JobSpec, out: Storage, plan: WorkerPlan) -> PrivacyIndex:
