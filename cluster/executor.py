@@ -1,7 +1,8 @@
 """The Ray executor: the engine's units on generator actors, scheduled by one driver.
 
 Phases, in order (the same units as `engine.run.run_local`, only scheduled differently):
-1. `open_output` on the driver: the spec and its hash are written before anything else.
+1. `open_job` on the driver: models, index and thresholds checked, then the resolved spec and its
+   hash are written before anything else.
 2. Generator actors (one per GPU, or per CPU slot) load the bundle; the privacy index is either
    replicated into each of them or held by index-shard actors (`cluster.remote_index`).
 3. Select: `engine.run.select_identities` on the driver, fed by `propose_many`, which keeps a bounded
@@ -41,7 +42,7 @@ from facegen.engine.bundle import resolve_device
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.phases import Identities, Proposals
 from facegen.engine.progress import progress_bar
-from facegen.engine.run import COMPAT_INDEX_DIR, load_bundle, open_output, pending_shards, select_identities
+from facegen.engine.run import COMPAT_INDEX_DIR, load_bundle, open_job, pending_shards, select_identities
 from facegen.engine.spec import JobSpec
 from facegen.engine.storage import Storage
 from facegen.engine.summary import finalize
@@ -70,7 +71,7 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, index
     `on_event(kind, data)` sees actor and shard events (tests, dashboards).
     """
     started = time.monotonic()
-    out = open_output(spec, resume)
+    spec, out, _ = open_job(spec, resume, load=False)
     with ray_connection(spec.run.address):
         plan = plan_workers(spec, ray.cluster_resources())
         index = open_driver_index(spec, out, plan)

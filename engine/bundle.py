@@ -141,11 +141,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_compatible(generator: Generator, embedder: FaceEmbedder, index: PrivacyIndex) -> None:
-    """Refuse, before any work, model combinations that cannot produce a certified dataset."""
+def check_generator(generator: Generator, embedder: FaceEmbedder) -> None:
     if generator.c_dim and generator.c_dim != embedder.dim:
         raise UserError(
             f"generator c_dim {generator.c_dim} != embedder width {embedder.dim}: the generator is "
             "conditioned on identity features of another recognition model"
         )
+
+
+def check_compatible(generator: Generator, embedder: FaceEmbedder, index: PrivacyIndex) -> None:
+    """Refuse, before any work, model combinations that cannot produce a certified dataset."""
+    check_generator(generator, embedder)
     index.check_compatible(embedder)

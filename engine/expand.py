@@ -59,7 +59,7 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
         reason[~bundle.gate(found.vis)] = "quality"
         reason[anchor_sim < limits.same_threshold] = "same"
         reason[separability_sim > spec.privacy.separability] = "separability"
-        reason[found.real_sim > spec.privacy.threshold] = "privacy"
+        reason[found.real_sim > spec.privacy.value] = "privacy"
         reason[~np.isfinite(found.real_sim) | ~np.isfinite(anchor_sim)] = "invalid"
 
         # Phase c: diversity is sequential within an identity: walk attempt positions in order.
@@ -70,7 +70,7 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
                 break
             state.step(rows, owner, attempt, reason, found, embedding, anchor_sim, limits.diversity_threshold)
 
-    return state.result(labels, identities, spec.privacy.threshold, bundle.index)
+    return state.result(labels, identities, spec.privacy.value, bundle.index)
 
 
 class _ShardState:
@@ -135,7 +135,6 @@ class _ShardState:
                 "slot": int(identities.slot[label[k]]),
                 "attempt": int(cols["attempt"][k]),
                 "privacy_max_sim": float(cols["real_sim"][k]),
-                "privacy_nearest_identity": str(nearest[k]),
                 "anchor_sim": float(cols["anchor_sim"][k]),
                 "diversity_max_sim": float(cols["diversity_sim"][k]) if cols["sample"][k] else None,
             }
@@ -150,4 +149,4 @@ class _ShardState:
             "max_real_sim": float(cols["real_sim"].max()) if len(order) else None,
             "violations": int((cols["real_sim"] > threshold).sum()),
         }
-        return ExpandedShard(label, cols["sample"], cols["vis"], nir, metas, stats)
+        return ExpandedShard(label, cols["sample"], cols["vis"], nir, metas, stats, nearest=nearest)

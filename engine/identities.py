@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facegen.engine.phases import Identities
+from facegen.engine.private import PRIVATE_DIR, write_table
 from facegen.engine.storage import Storage
 
 IDENTITIES_FILE = "identities.parquet"
@@ -31,10 +32,16 @@ def write_identities(storage: Storage, identities: Identities, selection_stats: 
             "condition": _vectors(identities.condition),
             "anchor": _vectors(identities.anchor),
             "anchor_real_sim": pa.array(identities.anchor_real_sim, pa.float32()),
-            "anchor_real_identity": pa.array([str(x) for x in identities.anchor_real_identity], pa.string()),
+            # Blank in the released file: the nearest real person is kept in private/ (engine/private.py).
+            "anchor_real_identity": pa.array([""] * len(identities), pa.string()),
         }
     )
     table = table.replace_schema_metadata({"facegen.selection": json.dumps(selection_stats, sort_keys=True)})
+    write_table(storage, f"{PRIVATE_DIR}/anchors.parquet", {
+        "label": pa.array(np.arange(len(identities)), pa.int64()),
+        "nearest_real_identity": pa.array([str(x) for x in identities.anchor_real_identity], pa.string()),
+        "anchor_real_sim": pa.array(identities.anchor_real_sim, pa.float32()),
+    })
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(IDENTITIES_FILE, buffer.getvalue())

@@ -48,7 +48,7 @@ def propose(bundle: Bundle, slots: np.ndarray) -> Proposals:
     found = bundle.evaluate(conditions, draw_keys(spec.seed, Stream.LATENT, slots, 0))
     verdict = np.full(len(slots), "ok", dtype=object)
     verdict[~bundle.gate(found.vis)] = "quality"
-    verdict[found.real_sim > spec.privacy.threshold] = "privacy"
+    verdict[found.real_sim > spec.privacy.value] = "privacy"
     verdict[~np.isfinite(found.real_sim)] = "invalid"
     return Proposals(
         slot=slots,
@@ -162,3 +162,5 @@ class ExpandedShard:
     nir: np.ndarray | None
     metas: list[dict]
     stats: dict
+    # Not for release: which real identity each sample came closest to (engine.private writes it).
+    nearest: np.ndarray | None = None

@@ -46,15 +46,23 @@ def preflight(spec: JobSpec, resume: bool = False) -> list[str]:
     from facegen.engine.bundle import check_compatible, resolve_device
     from facegen.engine.index.search import PrivacyIndex
     from facegen.engine.quality import make_quality_gate
-    from facegen.models.loading import detect_format, load_embedder, load_generator
+    from facegen.engine.run import resolve_job
+    from facegen.models.loading import detect_format
 
     device = resolve_device(spec.run.device)
-    generator = load_generator(spec.generator.path)
-    embedder = load_embedder(spec.embedder.path, **spec.embedder.preprocessing)
+    # The run's own resolution: embedder preprocessing (index / graph / given) and the threshold
+    # ('auto' refused here exactly as the run would refuse it).
+    spec, (generator, embedder) = resolve_job(spec)
+    calibration = spec.privacy.calibration
     lines = [
         f"generator {spec.generator.path}: {detect_format(spec.generator.path)}, {generator.img_resolution} px, "
         f"c_dim {generator.c_dim}, {'VIS+NIR' if generator.nir_channels else 'VIS only'}",
-        f"embedder  {spec.embedder.path}: width {embedder.dim}, fingerprint {embedder.fingerprint}",
+        f"embedder  {spec.embedder.path}: width {embedder.dim}, fingerprint {embedder.fingerprint}, "
+        f"preprocessing {embedder.preprocessing.to_json()}",
+        f"privacy   threshold {spec.privacy.value:.6g} ("
+        + ("given by hand" if calibration is None else
+           f"calibrated at FMR {calibration['fmr']:g} on {calibration['impostor_pairs']} impostor pairs")
+        + f"), certifies VIS{' and NIR' if spec.privacy.check_nir and generator.nir_channels else ''}",
     ]
     if spec.index.uri:
         index = PrivacyIndex.open(spec.index.uri, spec.index.storage_options, backend=spec.index.backend,

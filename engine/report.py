@@ -158,12 +158,28 @@ def _histogram_block(name: str, values: np.ndarray, threshold: float | None) -> 
     return f"<h3>{_text(name)}</h3>{histogram_svg(values, threshold)}{_table(rows)}"
 
 
-def _certificate(privacy: dict[str, Any]) -> str:
+def certificate_headline(privacy: dict[str, Any]) -> tuple[bool, str]:
+    """(passed, the one line a reader sees first). It names what was certified: a dataset whose NIR
+    images were written but not checked is never plainly CERTIFIED."""
     violations = privacy.get("violations")
     count = len(violations) if isinstance(violations, list) else violations
     threshold, max_sim = privacy.get("threshold"), privacy.get("max_real_similarity")
-    passed = count == 0 and threshold is not None and max_sim is not None and max_sim < threshold
-    verdict = "CERTIFIED: no sample reaches the threshold" if passed else "NOT CERTIFIED"
+    passed = count == 0 and threshold is not None and max_sim is not None and max_sim <= threshold
+    if not passed:
+        return False, "NOT CERTIFIED"
+    operating = f"max cosine similarity to every enrolled real image <= {threshold:.6g}"
+    if privacy.get("threshold_source"):
+        operating += f" ({privacy['threshold_source']})"
+    certified = privacy.get("certified")
+    if certified is None:
+        return True, f"CERTIFIED: {operating}"
+    if privacy.get("nir_written") and "NIR" not in certified:
+        return True, f"VIS certified, NIR not checked: {operating}"
+    return True, f"CERTIFIED ({' and '.join(certified)}): {operating}"
+
+
+def _certificate(privacy: dict[str, Any]) -> str:
+    passed, verdict = certificate_headline(privacy)
     rows = [(name, privacy.get(name)) for name in CERTIFICATE_FIELDS]
     rows += [(n, v) for n, v in _flatten({k: v for k, v in privacy.items() if k not in CERTIFICATE_FIELDS})]
     return (f'<div class="cert{"" if passed else " fail"}"><h2>Privacy certificate</h2>'

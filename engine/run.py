@@ -8,24 +8,28 @@ executor calls the same functions from actors; only the scheduling differs.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from facegen.engine.bundle import Bundle, check_compatible, resolve_device
+from facegen.engine.bundle import Bundle, check_compatible, check_generator, resolve_device
 from facegen.engine.dataset.formats import shard_writer
 from facegen.engine.dataset.manifest import completed_shards, is_complete, remove_incomplete
-from facegen.engine.dataset.samples import ShardBatch
+from facegen.engine.dataset.samples import ShardBatch, sample_key
 from facegen.engine.expand import expand_shard
 from facegen.engine.identities import IDENTITIES_FILE, read_identities, write_identities
+from facegen.engine.index.compat import check_embedder
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.phases import Identities, Proposals, Selection, propose
+from facegen.engine.private import write_nearest
 from facegen.engine.progress import progress_bar
 from facegen.engine.quality import make_quality_gate
-from facegen.engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
+from facegen.engine.spec import JobSpec, build_spec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
 from facegen.engine.storage import Storage
 from facegen.models.errors import JobFailed, UserError
 
@@ -34,35 +38,151 @@ log = logging.getLogger("facegen")
 COMPAT_INDEX_DIR = "privacy-index"
 
 
-def open_output(spec: JobSpec, resume: bool) -> Storage:
-    """Check the output location and write `job.yaml` + `job.sha256` before any other work."""
+def check_output(spec: JobSpec, resume: bool) -> Storage:
+    """Check the output location (writable; a job to resume, or empty) without writing anything."""
     out = Storage(spec.output.uri, spec.output.storage_options)
+    existed = out.exists()
     out.check_writable()
-    digest = spec_hash(spec)
-    if out.exists("job.sha256"):
-        existing = out.read_text("job.sha256").strip()
-        if not resume:
-            raise UserError(f"{out.uri} already holds a job; pass --resume to continue it, or choose another output")
-        if existing != digest:
-            previous = load_spec_yaml_text(out.read_text("job.yaml"))
-            keys = ", ".join(spec_diff(previous, spec)) or "(unknown)"
-            raise UserError(f"resume refused: the spec differs from the one in {out.uri} in: {keys}")
-        return out
-    leftovers = [name for name in out.list() if not name.startswith(".")]
-    if leftovers:
-        raise UserError(f"{out.uri} is not empty and holds no facegen job ({', '.join(leftovers[:5])})")
-    out.write_text("job.yaml", spec_to_yaml(spec))
-    out.write_text("job.sha256", digest + "\n")
+    try:
+        if out.exists("job.sha256"):
+            if not resume:
+                raise UserError(f"{out.uri} already holds a job; pass --resume to continue it, or choose another "
+                                "output")
+            return out
+        leftovers = [name for name in out.list() if not name.startswith(".")]
+        if leftovers:
+            raise UserError(f"{out.uri} is not empty and holds no facegen job ({', '.join(leftovers[:5])})")
+    except UserError:
+        forget_output(out, existed)
+        raise
+    out.existed = existed  # so a later refusal can leave the location as it was found
     return out
 
 
-def load_bundle(spec: JobSpec, out: Storage | None = None) -> Bundle:
-    """Load generator, embedder and index; refuse incompatible combinations before any work."""
+def forget_output(out: Storage, existed: bool) -> None:
+    """Undo `check_writable`'s folder creation when a job is refused before it wrote anything."""
+    if existed:
+        return
+    try:
+        out.fs.rmdir(out.root)
+    except Exception:  # noqa: BLE001 - not empty or not a folder store: leave it
+        pass
+
+
+def write_job(out: Storage, spec: JobSpec) -> None:
+    """`job.yaml` + `job.sha256`, or, for a resume, the check that the spec did not change."""
+    digest = spec_hash(spec)
+    if out.exists("job.sha256"):
+        if out.read_text("job.sha256").strip() != digest:
+            previous = load_spec_yaml_text(out.read_text("job.yaml"))
+            keys = ", ".join(spec_diff(previous, spec)) or "(unknown)"
+            raise UserError(f"resume refused: the spec differs from the one in {out.uri} in: {keys}")
+        return
+    out.write_text("job.yaml", spec_to_yaml(spec))
+    out.write_text("job.sha256", digest + "\n")
+
+
+def open_job(spec: JobSpec, resume: bool, *, load: bool = True) -> tuple[JobSpec, Storage, Bundle | None]:
+    """Everything before the first byte of a job: output checks, models and index loaded, every
+    compatibility checked and `privacy.threshold: auto` resolved; only then `job.yaml` is written.
+    Returns the resolved spec (what job.yaml holds), the output and, with `load`, the bundle."""
+    out = check_output(spec, resume)
+    try:
+        spec, models = resolve_job(spec)
+        write_job(out, spec)
+    except (UserError, JobFailed):
+        forget_output(out, getattr(out, "existed", True))
+        raise
+    return spec, out, (load_bundle(spec, out, models) if load else None)
+
+
+def open_output(spec: JobSpec, resume: bool) -> Storage:
+    """`open_job` without keeping the models (callers that load them elsewhere)."""
+    return open_job(spec, resume, load=False)[1]
+
+
+def _index_info(spec: JobSpec):
+    from facegen.engine.index.store import read_info
+
+    return read_info(Storage(spec.index.uri, spec.index.storage_options))
+
+
+def resolve_job(spec: JobSpec) -> tuple[JobSpec, tuple]:
+    """Load the models, check them against each other and the index, and return the spec with the
+    embedder's full preprocessing and a numeric privacy threshold (plus where it came from)."""
+    from facegen.engine.index.compat import embedder_for_index, print_impostor_lines, resolve_threshold
+    from facegen.models.loading import load_generator
+
+    device = resolve_device(spec.run.device)
+    info = _index_info(spec) if spec.index.uri else None
+    embedder = embedder_for_index(spec.embedder.path, spec.embedder.preprocessing, info, str(device))
+    for note in embedder.notes:
+        log.info("%s", note)
+    generator = load_generator(spec.generator.path).to(device).eval().requires_grad_(False)
+    if info is not None:
+        check_embedder(info, embedder, spec.index.uri)
+        print_impostor_lines(info.impostor_scores, _warn_only)
+        chosen = resolve_threshold(spec.privacy.threshold, spec.privacy.fmr, info, spec.index.uri)
+    else:
+        chosen = _features_threshold(spec, embedder)
+    check_generator(generator, embedder)
+    calibration = None if chosen["source"] == "given" else {"fmr": chosen["fmr"],
+                                                            "impostor_pairs": chosen["impostor_pairs"]}
+    privacy = spec.privacy.model_copy(update={"threshold": chosen["threshold"], "calibration": calibration})
+    embedder_spec = spec.embedder.model_copy(update={"preprocessing": embedder.preprocessing.to_dict()})
+    resolved = build_spec(json.loads(spec.model_copy(update={"privacy": privacy, "embedder": embedder_spec})
+                                     .model_dump_json()))
+    return resolved, (generator, embedder)
+
+
+def _warn_only(text: str) -> None:
+    if text.startswith("WARNING"):
+        print(f"facegen: {text}", file=sys.stderr)
+
+
+def _features_threshold(spec: JobSpec, embedder: Any) -> dict:
+    """The compat path: check identity_features.json against the embedder and, for 'auto',
+    calibrate on it in memory (the same numbers its enrolled index gets)."""
+    from facegen.engine.index.calibrate import calibration_scores, threshold_at_fmr
+    from facegen.engine.index.compat import (
+        given_threshold,
+        impostor_summary,
+        print_impostor_lines,
+        required_pairs,
+    )
+    from facegen.engine.index.sources import embeddings_from_identity_features
+    from facegen.engine.index.store import normalize_rows
+
+    source = embeddings_from_identity_features(spec.index.features)
+    if source.embeddings.shape[1] != embedder.dim:
+        raise UserError(f"index.features: {spec.index.features} holds {source.embeddings.shape[1]}-d features "
+                        f"but the embedder produces {embedder.dim}-d")
+    vectors, valid = normalize_rows(source.embeddings)
+    vectors, identities = vectors[valid], source.identities[valid].astype(str)
+    print_impostor_lines(impostor_summary(vectors, identities), _warn_only)
+    if spec.privacy.threshold != "auto":
+        return given_threshold(spec.privacy.threshold)
+    fmr = spec.privacy.fmr
+    impostor = calibration_scores(vectors, identities, max_genuine_pairs=0).impostor
+    if len(impostor) < required_pairs(fmr):
+        raise UserError(f"privacy.threshold auto: {spec.index.features} gives {len(impostor)} impostor pairs, too "
+                        f"few to resolve FMR {fmr:g} (needs {required_pairs(fmr)}); choose a coarser privacy.fmr "
+                        "or give privacy.threshold as a number")
+    return {"threshold": threshold_at_fmr(impostor, fmr), "source": "calibrated", "fmr": fmr,
+            "impostor_pairs": int(len(impostor))}
+
+
+def load_bundle(spec: JobSpec, out: Storage | None = None, models: tuple | None = None) -> Bundle:
+    """Load generator, embedder and index; refuse incompatible combinations before any work.
+    `spec` is a resolved one (`resolve_job`); `models` reuses the (generator, embedder) it loaded."""
     from facegen.models.loading import load_embedder, load_generator
 
     device = resolve_device(spec.run.device)
-    generator = load_generator(spec.generator.path).to(device).eval().requires_grad_(False)
-    embedder = load_embedder(spec.embedder.path, **spec.embedder.preprocessing).to(device)
+    if models is None:
+        generator = load_generator(spec.generator.path).to(device).eval().requires_grad_(False)
+        embedder = load_embedder(spec.embedder.path, **spec.embedder.preprocessing).to(device)
+    else:
+        generator, embedder = models
     index = open_index(spec, embedder, out)
     check_compatible(generator, embedder, index)
     limits = spec.filter
@@ -74,8 +194,10 @@ def open_index(spec: JobSpec, embedder: Any, out: Storage | None) -> PrivacyInde
     options = dict(backend=spec.index.backend, device=resolve_device(spec.run.device).type)
     if spec.index.uri:
         return PrivacyIndex.open(spec.index.uri, spec.index.storage_options, **options)
-    # Compat: the original's identity_features.json, enrolled once into the dataset's own folder.
+    # Compat: the original's identity_features.json, enrolled once into the dataset's own folder and
+    # calibrated right away (the original ships no thresholds for its own recogniser).
     from facegen.engine.index.build import build_index
+    from facegen.engine.index.calibrate import DEFAULT_FMRS, calibrate
     from facegen.engine.index.sources import embeddings_from_identity_features
 
     if out is None:
@@ -85,7 +207,9 @@ def open_index(spec: JobSpec, embedder: Any, out: Storage | None) -> PrivacyInde
         source = embeddings_from_identity_features(spec.index.features)
         build_index(source.embeddings, source.identities, source.files, target,
                     embedder_fingerprint=embedder.fingerprint, preprocessing=embedder.preprocessing.to_dict(),
+                    embedder_weights=embedder.weights_fingerprint,
                     source=f"identity_features.json: {spec.index.features}")
+        calibrate(PrivacyIndex.open(target, backend="numpy"), sorted({*DEFAULT_FMRS, spec.privacy.fmr}, reverse=True))
     return PrivacyIndex.open(target, **options)
 
 
@@ -152,12 +276,37 @@ def run_shard(bundle: Bundle, identities: Identities, out: Storage, shard_id: in
     """Phase 3 for one shard; returns its marker. Writing is tar, then manifest, then marker."""
     spec = bundle.spec
     expanded = expand_shard(bundle, identities, shard_labels(spec, len(identities), shard_id))
+    expanded.stats["certificate"] = certificate(spec, bundle.embedder, bundle.index,
+                                                nir_written=expanded.nir is not None)
+    if expanded.nearest is not None:  # before the marker: a complete shard always has its private table
+        keys = [sample_key(int(a), int(b)) for a, b in zip(expanded.labels, expanded.samples)]
+        write_nearest(out, shard_id, keys, expanded.nearest, [m["privacy_max_sim"] for m in expanded.metas])
     batch = ShardBatch(labels=expanded.labels, samples=expanded.samples, vis=expanded.vis,
                        nir=expanded.nir, metas=expanded.metas)
     # The encoder pool gets this process's CPU budget (Ray does not pin actors to cores).
     result = shard_writer(spec.output).write(out, shard_id, batch, stats=expanded.stats,
                                              workers=torch.get_num_threads())
     return result.marker
+
+
+def certificate(spec: JobSpec, embedder: Any, index: Any, *, nir_written: bool) -> dict:
+    """What was certified, against what, at which operating point (report.json and every marker)."""
+    calibration = spec.privacy.calibration
+    source = ("given by hand" if calibration is None else
+              f"calibrated at FMR {calibration['fmr']:g} on {calibration['impostor_pairs']} impostor pairs")
+    certified = ["VIS"] + (["NIR"] if nir_written and spec.privacy.check_nir else [])
+    return {
+        "threshold": spec.privacy.value,
+        "threshold_source": source,
+        "fmr": None if calibration is None else calibration["fmr"],
+        "impostor_pairs": None if calibration is None else calibration["impostor_pairs"],
+        "similarity": "maximum cosine similarity to every enrolled real image (signed, not |cos|)",
+        "embedder": {"path": spec.embedder.path, "fingerprint": embedder.fingerprint,
+                     "weights": embedder.weights_fingerprint, "preprocessing": embedder.preprocessing.to_dict()},
+        "index_fingerprint": index.fingerprint,
+        "certified": certified,
+        "nir_written": nir_written,
+    }
 
 
 def pending_shards(spec: JobSpec, out: Storage, num_identities: int) -> list[int]:
@@ -167,8 +316,7 @@ def pending_shards(spec: JobSpec, out: Storage, num_identities: int) -> list[int
 
 def run_local(spec: JobSpec, resume: bool = False, progress: bool = True) -> dict:
     """The whole job in this process (the local executor)."""
-    out = open_output(spec, resume)
-    bundle = load_bundle(spec, out)
+    spec, out, bundle = open_job(spec, resume)
     identities, selection = select_identities(spec, out, local_proposer(bundle), progress)
     todo = pending_shards(spec, out, len(identities))
     with progress_bar(len(todo), "shards", "shard", progress) as bar:

@@ -34,7 +34,9 @@ class GeneratorSpec(_Section):
     path: str = Field(description="generator checkpoint: native .safetensors or ArcBiFaceGAN .pkl")
     truncation_psi: float = Field(0.7, ge=0.0, le=2.0)
     truncation_cutoff: int | None = Field(None, ge=1)
-    noise_mode: Literal["const", "random", "none"] = "const"
+    # 'random': per-sample noise drawn from the counter-based streams (engine/seeding.py), so it is
+    # deterministic, resumable and independent of batching, and samples vary like the original's.
+    noise_mode: Literal["const", "random", "none"] = "random"
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="reduced precision only on CUDA")
     # Both compute the same StyleGAN2 math; float summation order differs, so the choice is hashed.
     # Measured on CPU at batch 32: shared weights + NHWC activations 270 ms/img, fused 393 ms/img.
@@ -69,11 +71,29 @@ class ConditionSpec(_Section):
 
 
 class PrivacySpec(_Section):
-    threshold: float = Field(0.622, description="max cosine to any enrolled real image")
+    threshold: float | Literal["auto"] = Field(
+        "auto", description="max cosine to any enrolled real image; 'auto': the index's threshold calibrated at fmr")
+    fmr: float = Field(1e-4, description="false-match rate the 'auto' threshold is calibrated at")
     separability_threshold: float | None = Field(None, description="max cosine between identities")
-    check_nir: bool = Field(False, description="also embed the NIR image and certify it")
+    check_nir: bool = Field(True, description="also embed every written NIR image and certify it")
+    # Filled in when 'auto' is resolved against the index (job.yaml records it): where the number came from.
+    calibration: dict[str, Any] | None = Field(None, description="set by facegen: {fmr, impostor_pairs}")
 
-    _check = field_validator("threshold")(_unit_interval)
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _check_threshold(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return "auto"
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError("must be a number in (0, 1) or 'auto'") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number in (0, 1) or 'auto'")
+        return _unit_interval(float(value))
+
+    _check = field_validator("fmr")(_unit_interval)
 
     @field_validator("separability_threshold")
     @classmethod
@@ -81,9 +101,20 @@ class PrivacySpec(_Section):
         return None if value is None else _unit_interval(value)
 
     @property
+    def resolved(self) -> bool:
+        return self.threshold != "auto"
+
+    @property
+    def value(self) -> float:
+        """The numeric privacy threshold (after `engine.run.resolve_job`)."""
+        if self.threshold == "auto":
+            raise UserError("privacy.threshold 'auto' has not been resolved against the index yet")
+        return float(self.threshold)
+
+    @property
     def separability(self) -> float:
         # The original uses the privacy threshold for inter-identity separability too.
-        return self.threshold if self.separability_threshold is None else self.separability_threshold
+        return self.value if self.separability_threshold is None else self.separability_threshold
 
 
 class FilterSpec(_Section):

@@ -50,11 +50,12 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
             "index_fingerprint": index.fingerprint,
             "index_count": index.count,
             "index_uri": spec.index.uri or spec.index.features,
-            "threshold": spec.privacy.threshold,
+            **shard_certificate(markers),
+            "threshold": spec.privacy.value,
             "separability_threshold": spec.privacy.separability,
             "check_nir": spec.privacy.check_nir,
             "max_real_similarity": float(real_sims.max()) if len(real_sims) else None,
-            "violations": int((real_sims > spec.privacy.threshold).sum()),
+            "violations": int((real_sims > spec.privacy.value).sum()),
         },
         "filter": {
             "same_threshold": spec.filter.same_threshold,
@@ -67,11 +68,26 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
         "anchor_sim": _column(manifest, "anchor_sim"),
         "diversity_max_sim": _column(manifest, "diversity_max_sim"),
     }
-    thresholds = {"privacy_max_sim": spec.privacy.threshold, "anchor_sim": spec.filter.same_threshold,
+    thresholds = {"privacy_max_sim": spec.privacy.value, "anchor_sim": spec.filter.same_threshold,
                   "diversity_max_sim": spec.filter.diversity_threshold}
     write_report(out, report, contact_sheets(out, spec.output.contact_sheets), histograms,
                  histogram_thresholds=thresholds)
     return report
+
+
+def shard_certificate(markers: dict[int, dict]) -> dict:
+    """The certificate every shard marker states (they agree: one spec, one embedder, one index).
+    NIR counts as certified only when every shard that wrote NIR certified it."""
+    certificates = [m.get("stats", {}).get("certificate") for m in markers.values()]
+    certificates = [c for c in certificates if c]
+    if not certificates:
+        return {}
+    merged = dict(certificates[0])
+    merged.pop("index_fingerprint", None)
+    merged["nir_written"] = any(c.get("nir_written") for c in certificates)
+    merged["certified"] = sorted(set.intersection(*(set(c.get("certified", [])) for c in certificates)),
+                                 key=["VIS", "NIR"].index)
+    return merged
 
 
 def _column(table, name: str) -> np.ndarray:

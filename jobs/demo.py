@@ -14,6 +14,8 @@ import torch
 import yaml
 
 from facegen.engine.index.build import build_index
+from facegen.engine.index.calibrate import calibrate
+from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.seeding import Stream, draw_keys, normal, random_directions
 from facegen.engine.spec import JobSpec, build_spec
 from facegen.engine.storage import Storage
@@ -26,6 +28,7 @@ from facegen.models.loading import load_embedder
 EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
 EMBEDDING_DIM = 64
 POPULATION_SEED = 4242
+DEMO_FMRS = (5e-2, 1e-2, 1e-3)  # what a few dozen to a few hundred single-image stand-ins resolve
 
 
 def demo_models(folder: Path) -> tuple[Path, Path]:
@@ -52,7 +55,23 @@ def enrol_population(generator: Generator, embedder: FaceEmbedder, target: Stora
     identities = [f"{i:05d}" for i in range(count)]
     build_index(embeddings, identities, [f"{i}_0.png" for i in identities], target,
                 embedder_fingerprint=embedder.fingerprint, preprocessing=embedder.preprocessing.to_dict(),
+                embedder_weights=embedder.weights_fingerprint,
                 source=f"demo population: {count} generated stand-ins, seed {POPULATION_SEED}")
+    # The job's `privacy.threshold: auto` reads the threshold calibrated here (400 stand-ins give
+    # 79,800 impostor pairs: FMR 1e-3; see jobs/examples/tiny.yaml and `demo_fmr`).
+    calibrate(PrivacyIndex.open(target, backend="numpy"), DEMO_FMRS)
+
+
+def demo_fmr(wanted: float, population: int) -> float:
+    """The example's FMR, or the finest calibrated one a smaller population's impostor pairs resolve
+    (`privacy.threshold: auto` refuses an FMR finer than 10 / pairs)."""
+    from facegen.engine.index.compat import required_pairs
+
+    pairs = population * (population - 1) // 2
+    if pairs >= required_pairs(wanted):
+        return wanted
+    usable = [fmr for fmr in DEMO_FMRS if pairs >= required_pairs(fmr)]
+    return min(usable) if usable else max(DEMO_FMRS)
 
 
 def prepare_demo(folder: str | Path, population: int = 400) -> JobSpec:
@@ -65,7 +84,10 @@ def prepare_demo(folder: str | Path, population: int = 400) -> JobSpec:
     index = Storage(str(folder / "index"))
     if not index.exists("index.json"):
         enrol_population(load_generator(generator_path), load_embedder(embedder_path), index, population)
+    elif not index.read_json("index.json").get("thresholds"):  # a demo folder from before calibration
+        calibrate(PrivacyIndex.open(index, backend="numpy"), DEMO_FMRS)
     tree = yaml.safe_load(EXAMPLE.read_text())
+    tree["privacy"]["fmr"] = demo_fmr(float(tree["privacy"]["fmr"]), population)
     tree["generator"]["path"] = str(generator_path)
     tree["embedder"]["path"] = str(embedder_path)
     tree["index"]["uri"] = str(folder / "index")

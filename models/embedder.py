@@ -112,13 +112,63 @@ def preprocess(images: torch.Tensor, pre: Preprocessing, *, quantize: bool = Tru
     return (x - mean) / std
 
 
-def fingerprint_of(weight_chunks: Iterable[bytes | memoryview], pre: Preprocessing) -> str:
-    """sha256 over the weights (streamed, never copied whole) and the canonical preprocessing JSON."""
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "channel_order", "resize_mode")
+RAW_PIXELS = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}
+
+
+def weights_hash(weight_chunks: Iterable[bytes | memoryview]):
+    """A running sha256 over the weights (streamed, never copied whole)."""
     digest = hashlib.sha256()
     for chunk in weight_chunks:
         digest.update(chunk)
+    return digest
+
+
+def fingerprint_from(weights, pre: Preprocessing) -> str:
+    """The embedder fingerprint: the weights' running hash continued with the canonical preprocessing JSON."""
+    digest = weights.copy()
     digest.update(pre.to_json().encode())
     return digest.hexdigest()
+
+
+def fingerprint_of(weight_chunks: Iterable[bytes | memoryview], pre: Preprocessing) -> str:
+    """sha256 over the weights (streamed, never copied whole) and the canonical preprocessing JSON."""
+    return fingerprint_from(weights_hash(weight_chunks), pre)
+
+
+def parse_preprocessing(pairs: Iterable[str]) -> dict:
+    """`--preprocessing KEY=VALUE` flags -> a dict of Preprocessing overrides.
+
+    input_size is an integer; mean and std are one value (all channels) or three, comma-separated,
+    on the [0, 1] scale; channel_order and resize_mode are names. Values are checked here, so a
+    typo fails before any model is loaded."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = str(pair).partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or key not in PREPROCESSING_KEYS:
+            raise UserError(f"--preprocessing {pair!r}: expected KEY=VALUE with KEY one of "
+                            f"{', '.join(PREPROCESSING_KEYS)}")
+        try:
+            if key == "input_size":
+                out[key] = int(raw)
+            elif key in ("mean", "std"):
+                values = [float(v) for v in raw.split(",")]
+                if len(values) not in (1, 3):
+                    raise ValueError("one value or three")
+                out[key] = values * 3 if len(values) == 1 else values
+            else:
+                out[key] = raw.upper() if key == "channel_order" else raw
+        except ValueError as err:
+            raise UserError(f"--preprocessing {pair!r}: {err}") from None
+    Preprocessing.from_dict({**Preprocessing().to_dict(), **out})  # validates every value now
+    return out
+
+
+def preprocessing_diff(a: Preprocessing, b: Preprocessing) -> list[str]:
+    """Names of the fields in which two preprocessings differ, e.g. ['mean', 'std']."""
+    da, db = a.to_dict(), b.to_dict()
+    return [key for key in PREPROCESSING_KEYS if da[key] != db[key]]
 
 
 class FaceEmbedder(ABC):
@@ -127,8 +177,29 @@ class FaceEmbedder(ABC):
     dim: int
     input_size: int
     preprocessing: Preprocessing
-    fingerprint: str
+    fingerprint: str  # weights + preprocessing: what makes two embedders' outputs comparable
+    weights_fingerprint: str  # the weights alone: tells "other model" from "same model, other input"
     device: torch.device = torch.device("cpu")
+    # How the preprocessing was chosen (graph detection, an index, flags): for the user to read.
+    notes: list[str]
+    _weights = None  # running sha256 of the weights, continued by every fingerprint
+
+    def _set_weights(self, chunks: Iterable[bytes | memoryview]) -> None:
+        self._weights = weights_hash(chunks)
+        self.weights_fingerprint = self._weights.hexdigest()
+        self.fingerprint = fingerprint_from(self._weights, self.preprocessing)
+
+    def _check_input_size(self, size: int) -> None:  # noqa: B027 - most backends take any size
+        """Backends with a fixed input resolution refuse another one."""
+
+    def set_preprocessing(self, pre: Preprocessing, note: str | None = None) -> FaceEmbedder:
+        """Use another preprocessing with the same weights (the fingerprint follows)."""
+        self._check_input_size(pre.input_size)
+        self.preprocessing, self.input_size = pre, pre.input_size
+        self.fingerprint = fingerprint_from(self._weights, pre)
+        if note:
+            self.notes.append(note)
+        return self
 
     @abstractmethod
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +272,8 @@ class TorchEmbedder(FaceEmbedder):
         self.input_size = self.preprocessing.input_size
         self.autocast_dtype = autocast_dtype
         self.device = next(module.parameters(), torch.empty(0)).device
-        self.fingerprint = fingerprint_of(state_dict_chunks(module), self.preprocessing)
+        self.notes = []
+        self._set_weights(state_dict_chunks(module))
         self.dim = dim if dim is not None else self._probe_dim()
 
     def _probe_dim(self) -> int:
@@ -299,18 +371,32 @@ class OnnxEmbedder(FaceEmbedder):
     chunks of that size. The fingerprint hashes the file as shipped, plus the preprocessing.
     """
 
-    def __init__(self, path: str, preprocessing: Preprocessing | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str, preprocessing: Preprocessing | None = None, providers: list[str] | None = None,
+                 *, overrides: Mapping | None = None):
+        """`preprocessing` as given; or, when it is None, read from the graph (`graph_preprocessing`)
+        with `overrides` (single fields, e.g. from --preprocessing) on top."""
         onnx, ort = _import_onnx()
         self.path = str(path)
-        self.preprocessing = preprocessing or Preprocessing()
-        self.input_size = self.preprocessing.input_size
+        self.notes = []
         try:
-            self.fingerprint = fingerprint_of(_file_chunks(self.path), self.preprocessing)
             model = onnx.load(self.path)
         except FileNotFoundError:
             raise UserError(f"{self.path}: ONNX model file not found") from None
         except Exception as err:  # protobuf decode errors have no common public base class
             raise UserError(f"{self.path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
+        if preprocessing is None:
+            fields, note = graph_preprocessing(model)
+            self.notes.append(f"{self.path}: {note}")
+            if overrides:
+                fields.update(overrides)
+                self.notes.append(f"{self.path}: preprocessing given explicitly: {fields_text(overrides)}")
+            preprocessing = Preprocessing.from_dict({**Preprocessing().to_dict(), **fields})
+        self.preprocessing = preprocessing
+        self.input_size = self.preprocessing.input_size
+        try:
+            self._set_weights(_file_chunks(self.path))
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot read the ONNX model ({err})") from None
         prune_onnx_inputs(model)
         self._check_input(model)
         self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
@@ -327,14 +413,16 @@ class OnnxEmbedder(FaceEmbedder):
         shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
         if len(shape) != 4 or shape[1] not in (3, None):
             raise UserError(f"{self.path}: input '{inputs[0].name}' has shape {shape}, expected [N, 3, H, W]")
-        for side in shape[2:]:
-            if side is not None and side != self.input_size:
-                raise UserError(
-                    f"{self.path}: model input is {shape[2]}x{shape[3]} but preprocessing.input_size is "
-                    f"{self.input_size}"
-                )
+        self.graph_hw = tuple(shape[2:])
+        self._check_input_size(self.input_size)
         self.input_name = inputs[0].name
         self.fixed_batch = shape[0] if shape[0] else None
+
+    def _check_input_size(self, size: int) -> None:
+        for side in getattr(self, "graph_hw", ()):
+            if side is not None and side != size:
+                raise UserError(f"{self.path}: model input is {self.graph_hw[0]}x{self.graph_hw[1]} but "
+                                f"preprocessing.input_size is {size}")
 
     def _new_session(self, model, ort):
         options = ort.SessionOptions()
@@ -377,3 +465,65 @@ class OnnxEmbedder(FaceEmbedder):
         padded[:count] = batch
         outs = [self._run(self.session, padded[i : i + step]) for i in range(0, padded.shape[0], step)]
         return torch.from_numpy(np.concatenate(outs)[:count]).to(self.device)
+
+
+# ------------------------------------------------------------------- preprocessing from the graph
+_AFFINE_OPS = ("Sub", "Mul", "Div", "Add")
+
+
+def _constant_names(graph) -> set[str]:
+    names = {init.name for init in graph.initializer}
+    names.update(out for node in graph.node if node.op_type == "Constant" for out in node.output)
+    return names
+
+
+def leading_affine_ops(model) -> list[str]:
+    """Op types of the element-wise chain (Sub/Mul/Div/Add with a constant) the image input goes
+    through first, following the data, e.g. ['Sub', 'Mul'] for OpenCV-zoo's SFace."""
+    graph = model.graph
+    constants = _constant_names(graph)
+    data = [value.name for value in graph.input if value.name not in constants]
+    if not data:
+        return []
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    ops, tensor = [], data[0]
+    while len(readers.get(tensor, [])) == 1:
+        node = readers[tensor][0]
+        others = [name for name in node.input if name != tensor]
+        if node.op_type not in _AFFINE_OPS or not others or any(name not in constants for name in others):
+            break
+        ops.append(node.op_type)
+        tensor = node.output[0]
+    return ops
+
+
+def graph_preprocessing(model) -> tuple[dict, str]:
+    """Preprocessing fields an ONNX graph implies, and a sentence saying why.
+
+    Like insightface's model zoo (`ArcFaceONNX`: a Sub and a Mul among the first nodes means
+    input_mean 0, input_std 1): a model that subtracts and scales its input inside the graph takes
+    raw 0..255 pixels, anything else gets insightface's (x/255 - 0.5)/0.5. The input size comes from
+    the graph when it is fixed. Channel order cannot be read from a graph: RGB, as insightface and
+    OpenCV's FaceRecognizerSF (swapRB) feed them.
+    """
+    fields: dict = {}
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    sides = [d.dim_value for d in dims[2:4] if d.HasField("dim_value")] if len(dims) == 4 else []
+    if len(sides) == 2 and sides[0] == sides[1] and sides[0] > 0:
+        fields["input_size"] = int(sides[0])
+    ops = leading_affine_ops(model)
+    if ("Sub" in ops or "Add" in ops) and ("Mul" in ops or "Div" in ops):
+        fields.update({k: list(v) for k, v in RAW_PIXELS.items()})
+        note = (f"the graph normalises its input ({'/'.join(ops)} first), so it gets raw 0..255 RGB pixels "
+                "(mean 0, std 1/255)")
+    else:
+        note = "no normalisation in the graph, so insightface's (x/255 - 0.5)/0.5 on RGB"
+    return fields, note + f"; input size {fields.get('input_size', Preprocessing().input_size)}"
+
+
+def fields_text(fields: Mapping) -> str:
+    return ", ".join(f"{key}={','.join(f'{v:g}' for v in value) if isinstance(value, (list, tuple)) else value}"
+                     for key, value in fields.items())

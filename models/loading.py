@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from facegen.models.checkpoint import family_of, load_native, read_native_header
-from facegen.models.embedder import FaceEmbedder, OnnxEmbedder, Preprocessing, TorchEmbedder
+from facegen.models.embedder import FaceEmbedder, OnnxEmbedder, Preprocessing, TorchEmbedder, fields_text
 from facegen.models.errors import UserError
 from facegen.models.generator import Generator
 from facegen.models.importers.insightface import load_insightface_pth
@@ -105,12 +105,14 @@ def _preprocessing(overrides: dict[str, Any], input_size: int | None) -> Preproc
 def load_embedder(path: str | os.PathLike, **preprocessing_overrides: Any) -> FaceEmbedder:
     """A face embedder from a native iresnet, an insightface `.pth` or an `.onnx` model.
 
-    Preprocessing defaults to insightface's ((x/255 - 0.5)/0.5, RGB) at the model's input size;
-    keyword arguments override single fields (`input_size`, `mean`, `std`, `channel_order`, ...).
+    Preprocessing defaults to insightface's ((x/255 - 0.5)/0.5, RGB) at the model's input size; an
+    ONNX graph that normalises its own input gets raw pixels instead (`graph_preprocessing`).
+    Keyword arguments override single fields (`input_size`, `mean`, `std`, `channel_order`, ...)
+    and always win. `embedder.notes` says how the preprocessing was chosen.
     """
     fmt = detect_format(path)
     if fmt == "onnx":
-        return OnnxEmbedder(str(path), _preprocessing(preprocessing_overrides, None))
+        return OnnxEmbedder(str(path), overrides=preprocessing_overrides)
     family = read_native_header(path)["family"] if fmt == "native" else None
     if family not in (None, "iresnet"):
         raise UserError(f"{path}: holds a '{family}' model, not an embedder")
@@ -119,7 +121,10 @@ def load_embedder(path: str | os.PathLike, **preprocessing_overrides: Any) -> Fa
     module = load_module(path)
     if not isinstance(module, IResNet):
         raise UserError(f"{path}: holds a '{family_of(module)}' model, not an embedder")
-    return TorchEmbedder(module, _preprocessing(preprocessing_overrides, module.config.input_size))
+    embedder = TorchEmbedder(module, _preprocessing(preprocessing_overrides, module.config.input_size))
+    if preprocessing_overrides:
+        embedder.notes.append(f"{path}: preprocessing given explicitly: {fields_text(preprocessing_overrides)}")
+    return embedder
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:

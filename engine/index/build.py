@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from facegen.engine.index.compat import impostor_summary
 from facegen.engine.index.store import (
     INDEX_JSON,
     SHARD_DIR,
@@ -73,11 +74,15 @@ def build_index(
     dropped: Mapping[str, int] | None = None,
     shard_sizes: Sequence[int] | None = None,
     overwrite: bool = False,
+    embedder_weights: str | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> IndexInfo:
     """Write a privacy index of `embeddings` (raw or normalised) to `out`; returns its description.
 
     `dropped` carries counts of inputs the source already skipped (reason -> count) into index.json.
-    `shard_sizes` overrides `shard_size` with explicit consecutive shard lengths.
+    `shard_sizes` overrides `shard_size` with explicit consecutive shard lengths. `skipped` lists
+    (file, reason) of inputs left out on purpose (--skip-bad); they are recorded by name.
+    The impostor score distribution is measured on the enrolled set and recorded (enrolment sanity).
     """
     embeddings = np.asarray(embeddings)
     _check_inputs(embeddings, identities, files)
@@ -113,6 +118,9 @@ def build_index(
         dropped=dropped,
         num_identities=int(len(np.unique(identities.astype(str)))),
         created_by=_created_by(),
+        embedder_weights=embedder_weights,
+        impostor_scores=impostor_summary(vectors, identities.astype(str)),
+        skipped=tuple({"file": str(f), "reason": str(r)} for f, r in skipped),
     )
     write_info(out, info)  # last: only now is the index readable
     return info

@@ -290,12 +290,7 @@ class PrivacyIndex:
 
     # -- compatibility ---------------------------------------------------------------------------
     def check_compatible(self, embedder: Any) -> None:
-        """Refuse an embedder whose embeddings cannot be compared with this index's."""
-        where = self.storage.url("index.json")
-        if int(embedder.dim) != self.dim:
-            raise UserError(f"{where}: index holds {self.dim}-d embeddings but the embedder "
-                            f"produces {embedder.dim}-d (embedder fingerprint {embedder.fingerprint})")
-        if self.fingerprint is not None and embedder.fingerprint != self.fingerprint:
-            raise UserError(f"{where}: index was built with embedder fingerprint {self.fingerprint}, "
-                            f"this embedder's fingerprint is {embedder.fingerprint}; rebuild the index "
-                            "with this embedder or use the one it was built with")
+        """Refuse an embedder whose embeddings cannot be compared with this index's, naming what differs."""
+        from facegen.engine.index.compat import check_embedder
+
+        check_embedder(self.info, embedder, self.storage.url("index.json"))

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from facegen.engine.progress import progress_bar
 from facegen.engine.storage import Storage
@@ -160,11 +160,14 @@ def _from_npy(path: str, storage_options: dict | None) -> EmbeddingSource:
 
 
 # ---------------------------------------------------------------------------------- images
-def list_images(folder: Storage, include_nir: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
-    """Relative paths of the images to embed (VIS/, NIR/ when asked, else the flat folder), and the
-    files skipped because they are not images."""
+def list_images(folder: Storage, include_nir: bool | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative paths of the images to embed (VIS/ and, when present or asked, NIR/; else the flat
+    folder), and the files skipped because they are not images. `include_nir` None: NIR/ when it exists."""
+    has_vis = folder.exists("VIS")
+    if include_nir is None:
+        include_nir = has_vis and folder.exists("NIR")
     subfolders = ["VIS", "NIR"] if include_nir else ["VIS"]
-    if not folder.exists("VIS"):
+    if not has_vis:
         if include_nir:
             raise UserError(f"{folder.url()}: --nir needs the VIS/ and NIR/ layout")
         subfolders = [""]
@@ -183,11 +186,46 @@ def list_images(folder: Storage, include_nir: bool = False) -> tuple[list[str], 
     return paths, skipped
 
 
+# PIL modes holding more than 8 bits per sample, and the full-scale value each is scaled from.
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+
+
+def _wide_to_uint8(image: Image.Image) -> np.ndarray:
+    """A 16-bit / 32-bit integer or float single-channel image -> uint8, scaled to its full range
+    (a 16-bit white is 65535, so values are divided, never clipped at 255)."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode in _WIDE_MODES:
+        full = _WIDE_MODES[image.mode]
+    elif image.mode == "F":
+        top = float(np.nanmax(values)) if values.size else 0.0
+        full = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+    else:  # "I": 32-bit integers, in practice 16-bit data (PNG/TIFF); wider data uses its own maximum
+        top = float(values.max()) if values.size else 0.0
+        full = 65535.0 if top <= 65535.0 else top
+    return np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+
+
+def image_to_rgb8(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> HWC uint8 RGB as a viewer shows it: EXIF orientation applied, 16-bit and
+    float data scaled to 8 bits, palette/greyscale/CMYK converted, alpha composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_MODES or image.mode in ("I", "F"):
+        grey = _wide_to_uint8(image)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"))
+
+
 def decode_image(folder: Storage, relative: str) -> np.ndarray | str:
     """CHW uint8 RGB (NIR's single channel replicated), or the reason it cannot be decoded."""
     try:
         with Image.open(io.BytesIO(folder.read_bytes(relative))) as image:
-            return np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+            return np.ascontiguousarray(image_to_rgb8(image).transpose(2, 0, 1))
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "bad file"
         return f"undecodable image: {type(err).__name__}: {err}"
 
@@ -209,14 +247,17 @@ def embed_image_batch(images: list[np.ndarray], embed: Any) -> np.ndarray:
 
 
 def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int = 64, *,
-                           include_nir: bool = False, storage_options: dict | None = None,
+                           include_nir: bool | None = False, storage_options: dict | None = None,
                            num_workers: int = 4, progress: bool = True,
-                           require_identity: bool = True) -> EmbeddingSource:
-    """Embed every image under `folder` (VIS/ and NIR/ with include_nir, or a flat folder).
+                           require_identity: bool = True, skip_bad: bool = False) -> EmbeddingSource:
+    """Embed every image under `folder` (VIS/ and NIR/ with include_nir, None: NIR/ when present;
+    or a flat folder).
 
-    Files that are not images, cannot be decoded or (with `require_identity`) are not named
-    `{identity}_{sample}.ext` are skipped and listed with their reason; without it such files get
-    identity "". Decoding runs in threads while the embedder runs batches.
+    An image that cannot be decoded or (with `require_identity`) is not named
+    `{identity}_{sample}.ext` fails the whole call naming the file: an enrolled person who silently
+    drops out is a person the privacy test no longer protects. With `skip_bad` such files are
+    skipped and listed with their reason instead. Files without an image extension are always
+    skipped and listed. Decoding runs in threads while the embedder runs batches.
     """
     if batch_size <= 0:
         raise UserError(f"--batch: {batch_size} must be positive")
@@ -226,7 +267,11 @@ def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int
     paths, skipped = list_images(storage, include_nir)
     named = [(p, identity_of_name(p)) for p in paths]
     if require_identity:
-        skipped += [(p, BAD_NAME) for p, identity in named if identity is None]
+        badly_named = [p for p, identity in named if identity is None]
+        if badly_named and not skip_bad:
+            raise UserError(f"{storage.url(badly_named[0])}: {BAD_NAME} ({len(badly_named)} such file(s)); "
+                            "rename them, or pass --skip-bad to leave them out")
+        skipped += [(p, BAD_NAME) for p in badly_named]
         named = [(p, identity) for p, identity in named if identity is not None]
     else:
         named = [(p, identity or "") for p, identity in named]
@@ -243,8 +288,14 @@ def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int
             decoded = [future.result() for future in pending]
             if i + 1 < len(chunks):
                 pending = [pool.submit(decode_image, storage, path) for path, _ in chunks[i + 1]]
+            bad = [(item[0], image) for item, image in zip(chunk, decoded) if isinstance(image, str)]
+            if bad and not skip_bad:
+                for future in pending:
+                    future.cancel()
+                raise UserError(f"{storage.url(bad[0][0])}: {bad[0][1]}; fix or remove it, or pass --skip-bad "
+                                "to leave unreadable images out (they are then listed in index.json)")
+            skipped += bad
             good = [(item, image) for item, image in zip(chunk, decoded) if not isinstance(image, str)]
-            skipped += [(item[0], image) for item, image in zip(chunk, decoded) if isinstance(image, str)]
             if good:
                 vectors.append(embed_image_batch([image for _, image in good], embedder.embed))
                 identities += [identity for (_, identity), _ in good]

@@ -52,6 +52,9 @@ class IndexInfo:
     thresholds: tuple[dict, ...] = ()
     dropped: dict = field(default_factory=dict)  # reason -> count, rows refused or skipped upstream
     num_identities: int | None = None
+    embedder_weights: str | None = None  # sha256 of the weights alone (older indexes: unknown)
+    impostor_scores: dict | None = None  # enrolment sanity: median/p99/max cosine of different identities
+    skipped: tuple[dict, ...] = ()  # inputs left out at enrolment: {"file", "reason"}
     created_by: str = "facegen"
     metric: str = METRIC
     format_version: int = FORMAT_VERSION
@@ -69,6 +72,7 @@ class IndexInfo:
         data["num_shards"] = self.num_shards
         data["shards"] = [asdict(s) for s in self.shards]
         data["thresholds"] = [dict(t) for t in self.thresholds]
+        data["skipped"] = [dict(item) for item in self.skipped]
         return data
 
     @classmethod
@@ -94,6 +98,9 @@ class IndexInfo:
                 thresholds=tuple(data.get("thresholds", ())),
                 dropped=dict(data.get("dropped", {})),
                 num_identities=data.get("num_identities"),
+                embedder_weights=data.get("embedder_weights"),
+                impostor_scores=data.get("impostor_scores"),
+                skipped=tuple(dict(item) for item in data.get("skipped", ())),
                 created_by=str(data.get("created_by", "")),
             )
         except (KeyError, TypeError, ValueError) as err:

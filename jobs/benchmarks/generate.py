@@ -86,7 +86,8 @@ def _random_index(folder: str, size: int, embedder: TorchEmbedder) -> PrivacyInd
 
 def _bundle(generator, embedder, index, batch: int) -> Bundle:
     spec = build_spec({"batch_size": batch, "generator": {"path": "-"}, "embedder": {"path": "-"},
-                       "index": {"uri": "-"}, "output": {"uri": "-"}})
+                       "index": {"uri": "-"}, "output": {"uri": "-"},
+                       "privacy": {"threshold": 0.622}})
     return Bundle(generator, embedder, index, torch.device("cpu"), spec)
 
 
@@ -108,7 +109,7 @@ def _time_loop(bundle: Bundle, index: PrivacyIndex, count: int) -> float:
     g, embedder = bundle.generator, bundle.embedder
     real = [torch.from_numpy(v) for v in index.embeddings()]
     conditions, keys = _inputs(bundle, count)
-    threshold = bundle.spec.privacy.threshold
+    threshold = bundle.spec.privacy.value
     start = time.perf_counter()
     for i in range(count):
         z = torch.from_numpy(normal(keys[i:i + 1], g.z_dim))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from facegen.jobs.commands.index import parse_storage_options
+from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
 
 # engine.features (torch) loads when the command runs; tests/jobs/test_cli_start.py checks these copies.
 FEATURES_FILE = "identity_features.json"
@@ -23,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("data", help="dataset folder or fsspec URI holding VIS/ and NIR/")
     parser.add_argument("--embedder", required=True,
                         help="face embedder (.safetensors, insightface .pth, .onnx)")
+    add_preprocessing_flag(parser)
     parser.add_argument("--mode", choices=MODES, default="all",
                         help="all: each file its own feature; one: every file gets its identity's medoid "
                              "feature (default all)")
@@ -50,7 +52,8 @@ def run_features(args: argparse.Namespace) -> int:
     from facegen.engine.features import compute_identity_features
     from facegen.models.loading import load_embedder
 
-    embedder = load_embedder(args.embedder).to(args.device)
+    embedder = load_embedder(args.embedder, **preprocessing_flags(args)).to(args.device)
+    print_notes(embedder)
     result = compute_identity_features(args.data, embedder, mode=args.mode, batch_size=args.batch,
                                        nir=args.nir, num_workers=args.workers,
                                        storage_options=parse_storage_options(args.storage_option))

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags
 from facegen.models.errors import UserError
 
 if TYPE_CHECKING:  # the spec module (pydantic) loads when a command runs, not when the CLI starts
@@ -24,6 +25,7 @@ COMPAT_FLAGS = {
     "truncation": "generator.truncation_psi",
     "seed": "seed",
     "privacy_threshold": "privacy.threshold",
+    "fmr": "privacy.fmr",
     "separability_threshold": "privacy.separability_threshold",
     "same_threshold": "filter.same_threshold",
     "diversity_threshold": "filter.diversity_threshold",
@@ -65,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="candidates per model call (hashed: it can move a similarity by an ulp)")
     p.add_argument("--generator", help="generator checkpoint (native .safetensors or ArcBiFaceGAN .pkl)")
     p.add_argument("--embedder", help="face embedder (native, insightface .pth or .onnx)")
+    add_preprocessing_flag(p)
     p.add_argument("--index", help="privacy index URI built with `facegen index build`")
     compat = p.add_argument_group("original generate_recognition_data.py flags")
     compat.add_argument("--gen_model", help="= --generator")
@@ -76,7 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compat.add_argument("--seed", type=int, help="job seed")
     compat.add_argument("--gpu_device_number", type=int, help="accepted; choose the GPU with CUDA_VISIBLE_DEVICES")
     hard = p.add_argument_group("thresholds the original hard-coded")
-    hard.add_argument("--privacy-threshold", dest="privacy_threshold", type=float, help="default 0.622")
+    hard.add_argument("--privacy-threshold", dest="privacy_threshold",
+                      help="a number in (0, 1), or 'auto' (default): the index's threshold calibrated at --fmr")
+    hard.add_argument("--fmr", type=float, help="false-match rate of the 'auto' privacy threshold (default 1e-4)")
     hard.add_argument("--separability-threshold", dest="separability_threshold", type=float,
                       help="default: the privacy threshold")
     hard.add_argument("--same-threshold", dest="same_threshold", type=float, help="default 0.622")
@@ -96,6 +101,10 @@ def resolve_spec(args: argparse.Namespace) -> JobSpec:
         flags.append("run.device=cuda")
     if args.address and args.executor is None:
         flags.append('run.executor="ray"')  # joining a cluster means running on it
+    explicit = preprocessing_flags(args)
+    if explicit:  # flags win field by field over the job file's embedder.preprocessing
+        merged = {**tree.get("embedder", {}).get("preprocessing", {}), **explicit}
+        flags.append(f"embedder.preprocessing={json.dumps(merged)}")
     return build_spec(tree, flags + list(args.overrides))
 
 
@@ -150,7 +159,9 @@ def print_summary(spec: JobSpec, report: dict) -> int:
     cert = report["privacy_certificate"]
     print(f"wrote {report['samples']['written']} samples of {report['identities']['accepted']} identities "
           f"in {report['shards']['count']} shards to {spec.output.uri}")
-    print(f"privacy: max real similarity {cert['max_real_similarity']} <= {cert['threshold']}, "
+    from facegen.engine.report import certificate_headline
+
+    print(f"privacy: {certificate_headline(cert)[1]}; max real similarity {cert['max_real_similarity']}, "
           f"violations {cert['violations']}; report: {spec.output.uri.rstrip('/')}/report.html")
     return 0 if cert["violations"] == 0 else 1
 

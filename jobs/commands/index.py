@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
+from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
 from facegen.models.errors import UserError
 
 if TYPE_CHECKING:
@@ -62,8 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--images", help="image folder (VIS/ [NIR/] or flat), files {identity}_{sample}.ext")
     build.add_argument("--embedder", help="face embedder (.safetensors, .pth, .onnx): embeds --images; "
                        "with --features/--table it records its fingerprint")
+    add_preprocessing_flag(build)
     build.add_argument("--shard-size", type=int, default=1_000_000, help="rows per shard (default 1e6)")
-    build.add_argument("--nir", action="store_true", help="with --images: enrol NIR/ images too")
+    nir = build.add_mutually_exclusive_group()
+    nir.add_argument("--nir", action="store_true", default=None,
+                     help="with --images: require NIR/ and enrol it (default: enrol NIR/ whenever it exists)")
+    nir.add_argument("--no-nir", dest="nir", action="store_false", help="with --images: enrol VIS/ only")
+    build.add_argument("--skip-bad", action="store_true",
+                       help="leave out images that cannot be decoded or are misnamed (listed in index.json and "
+                            "here) instead of failing")
+    build.add_argument("--fmr", type=float, action="append",
+                       help="with --features: calibrate at these FMRs right away (default "
+                            f"{', '.join(f'{f:g}' for f in DEFAULT_FMRS)})")
     build.add_argument("--batch", type=int, default=64, help="images per embedder call")
     build.add_argument("--device", default="cpu", help="embedder device (cpu, cuda, cuda:1)")
     build.add_argument("--drop-invalid", action="store_true",
@@ -75,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal = sub.add_parser("calibrate", help="set decision thresholds at target false-match rates")
     cal.add_argument("uri")
     cal.add_argument("--fmr", type=float, action="append", help=f"target FMR (repeatable; default {DEFAULT_FMRS})")
+    cal.add_argument("--embedder", help="check that this embedder matches the index (and record it when the "
+                     "index was imported without one)")
+    add_preprocessing_flag(cal)
     cal.add_argument("--max-impostor-pairs", type=int, default=20_000_000)
     cal.add_argument("--max-genuine-pairs", type=int, default=5_000_000)
     cal.add_argument("--seed", type=int, default=0)
@@ -93,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     queries.add_argument("--embeddings", help=".npy matrix [N, dim] (normalised here)")
     queries.add_argument("--images", help="folder of query images (needs --embedder)")
     query.add_argument("--embedder", help="face embedder for --images; must match the index")
+    add_preprocessing_flag(query)
     query.add_argument("--top", type=int, default=1, help="nearest rows per query (default 1)")
     query.add_argument("--backend", choices=BACKENDS, default="auto")
     query.add_argument("--device", default="cpu")
@@ -102,62 +118,128 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
-def _load_embedder(path: str, device: str):
-    from facegen.models.loading import load_embedder
+def _load_embedder(path: str, device: str, explicit: dict, info=None):
+    from facegen.engine.index.compat import embedder_for_index
 
-    return load_embedder(path).to(device)
+    embedder = embedder_for_index(path, explicit, info, device)
+    print_notes(embedder)
+    return embedder
 
 
 # ----------------------------------------------------------------------------------- build
 def run_build(args: argparse.Namespace) -> int:
     from facegen.engine.index import (
+        PrivacyIndex,
         build_index,
+        calibrate,
         embeddings_from_identity_features,
         embeddings_from_images,
         embeddings_from_table,
     )
+    from facegen.engine.index.compat import print_impostor_lines
     from facegen.engine.storage import Storage
 
     options = parse_storage_options(args.storage_option)
-    embedder = _load_embedder(args.embedder, args.device) if args.embedder else None
+    explicit = preprocessing_flags(args)
+    if explicit and not args.embedder:
+        raise UserError("index build: --preprocessing needs --embedder")
+    out = Storage(args.out, options)
+    out.check_writable()  # before any embedding work
+    if out.exists("index.json") and not args.overwrite:
+        raise UserError(f"{out.url('index.json')}: an index already exists here (use --overwrite)")
+    embedder = _load_embedder(args.embedder, args.device, explicit) if args.embedder else None
     if args.images:
         if embedder is None:
             raise UserError("index build --images: needs --embedder to embed the images")
         source = embeddings_from_images(args.images, embedder, args.batch, include_nir=args.nir,
-                                        storage_options=options)
+                                        storage_options=options, skip_bad=args.skip_bad)
     else:
-        if args.nir:
-            raise UserError("index build: --nir applies to --images only")
+        if args.nir is not None:
+            raise UserError("index build: --nir/--no-nir apply to --images only")
         source = (embeddings_from_identity_features(args.features, options) if args.features
                   else embeddings_from_table(args.table, options))
+    if args.fmr and not args.features:
+        raise UserError("index build: --fmr applies to --features (calibrate other indexes with "
+                        "`facegen index calibrate`)")
     if embedder is not None and source.embeddings.shape[1] != embedder.dim:
         raise UserError(f"index build: the source holds {source.embeddings.shape[1]}-d embeddings but "
                         f"--embedder {args.embedder} produces {embedder.dim}-d")
     info = build_index(
-        source.embeddings, source.identities, source.files, Storage(args.out, options),
+        source.embeddings, source.identities, source.files, out,
         embedder_fingerprint=embedder.fingerprint if embedder else None,
         preprocessing=embedder.preprocessing.to_dict() if embedder else None,
+        embedder_weights=embedder.weights_fingerprint if embedder else None,
         shard_size=args.shard_size, source=source.description, drop_invalid=args.drop_invalid,
-        dropped=source.skipped_by_reason(), overwrite=args.overwrite)
+        dropped=source.skipped_by_reason(), overwrite=args.overwrite, skipped=source.skipped)
     print(f"wrote {args.out}: {info.count} embeddings of {info.num_identities} identities, dim {info.dim}, "
           f"{info.num_shards} shard(s)")
-    for path, reason in source.skipped[:SHOW_SKIPPED]:
+    print_identity_counts(source.identities)
+    for path, reason in source.skipped:
         print(f"skipped {path}: {reason}")
     for reason, count in sorted(info.dropped.items()):
         print(f"dropped {count}: {reason}")
+    print_impostor_lines(info.impostor_scores)
+    if args.features:
+        # The original's identity features come with no thresholds of their own: calibrate now, so
+        # `privacy.threshold: auto` works on this index without another step.
+        index = PrivacyIndex.open(out, backend="numpy")
+        for entry in calibrate(index, args.fmr or DEFAULT_FMRS):
+            print(_threshold_line(entry))
+            _warn_unresolved(entry)
     return 0
+
+
+def print_identity_counts(identities: np.ndarray, show: int = 20) -> None:
+    """Images enrolled per identity: every identity while few, else a summary and the smallest."""
+    import numpy as np
+
+    names, counts = np.unique(np.asarray(identities, dtype=str), return_counts=True)
+    if len(names) <= show:
+        print("images per identity: " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
+        return
+    order = np.argsort(counts, kind="stable")[:5]
+    print(f"images per identity: min {counts.min()}, median {int(np.median(counts))}, max {counts.max()}; "
+          "fewest: " + ", ".join(f"{names[i]} {counts[i]}" for i in order))
 
 
 # ------------------------------------------------------------------------------- calibrate
 def run_calibrate(args: argparse.Namespace) -> int:
     from facegen.engine.index import PrivacyIndex, calibrate
+    from facegen.engine.index.compat import print_impostor_lines
+    from facegen.engine.index.store import write_info
 
     index = PrivacyIndex.open(args.uri, parse_storage_options(args.storage_option), backend="numpy")
+    explicit = preprocessing_flags(args)
+    if explicit and not args.embedder:
+        raise UserError("index calibrate: --preprocessing needs --embedder")
+    if args.embedder:
+        embedder = _load_embedder(args.embedder, "cpu", explicit, index.info)
+        index.check_compatible(embedder)
+        if index.info.embedder_fingerprint is None:
+            import dataclasses
+
+            index.info = dataclasses.replace(
+                index.info, embedder_fingerprint=embedder.fingerprint, embedder_weights=embedder.weights_fingerprint,
+                preprocessing=embedder.preprocessing.to_dict())
+            write_info(index.storage, index.info)
+            print(f"recorded embedder {embedder.fingerprint[:16]}… in {index.storage.url('index.json')}")
     entries = calibrate(index, args.fmr or DEFAULT_FMRS, max_impostor_pairs=args.max_impostor_pairs,
                         max_genuine_pairs=args.max_genuine_pairs, seed=args.seed)
+    print_impostor_lines(index.info.impostor_scores)
     for entry in entries:
         print(_threshold_line(entry))
+        _warn_unresolved(entry)
     return 0
+
+
+def _warn_unresolved(entry: dict) -> None:
+    from facegen.engine.index.compat import PAIRS_PER_FMR, required_pairs
+
+    pairs, fmr = entry["num_impostor_pairs"], entry["fmr"]
+    if pairs < required_pairs(fmr):
+        print(f"WARNING: FMR {fmr:g} is finer than {pairs} impostor pairs resolve (needs {required_pairs(fmr)} = "
+              f"{PAIRS_PER_FMR}/FMR): this threshold is not an estimate of that FMR, and `privacy.threshold: auto` "
+              "refuses it. Enrol more identities or calibrate at a coarser FMR.", file=sys.stderr)
 
 
 def _threshold_line(entry: dict) -> str:
@@ -181,11 +263,19 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"dim          {info.dim} (metric {info.metric})")
     print(f"shards       {info.num_shards}")
     print(f"embedder     {info.embedder_fingerprint or 'unknown (not recorded)'}")
+    if info.embedder_weights:
+        print(f"weights      {info.embedder_weights}")
     if info.preprocessing:
         print(f"preprocess   {json.dumps(info.preprocessing, sort_keys=True)}")
     print(f"source       {info.source or '-'}")
     for reason, count in sorted(info.dropped.items()):
         print(f"dropped      {count}: {reason}")
+    for item in info.skipped:
+        print(f"skipped      {item['file']}: {item['reason']}")
+    if info.impostor_scores:
+        scores = info.impostor_scores
+        print(f"impostors    median {scores['median']:.3f}, p99 {scores['p99']:.3f}, max {scores['max']:.3f} "
+              f"({scores['pairs']} pairs)")
     if not info.thresholds:
         print("thresholds   none (run `facegen index calibrate`)")
     for entry in info.thresholds:
@@ -213,9 +303,11 @@ def _query_embeddings(args: argparse.Namespace, index: PrivacyIndex, options: di
         return vectors, [str(i) for i in range(len(vectors))]
     if not args.embedder:
         raise UserError("index query --images: needs --embedder")
-    embedder = _load_embedder(args.embedder, args.device)
+    embedder = _load_embedder(args.embedder, args.device, preprocessing_flags(args), index.info)
     index.check_compatible(embedder)
-    source = embeddings_from_images(args.images, embedder, storage_options=options, require_identity=False)
+    # Queries are not enrolment: an unreadable query image is reported and the others answered.
+    source = embeddings_from_images(args.images, embedder, storage_options=options, require_identity=False,
+                                    skip_bad=True)
     for path, reason in source.skipped:
         print(f"skipped {path}: {reason}")
     return source.embeddings, source.files.tolist()

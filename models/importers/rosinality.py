@@ -46,6 +46,7 @@ import torch
 from facegen.models.checkpoint import load_state_dict_checked
 from facegen.models.errors import UnsafeCheckpointError, UserError
 from facegen.models.generator import Generator, GeneratorConfig
+from facegen.models.importers.safe_pickle import _refusal_core
 
 MAPPING_LR_MULTIPLIER = 0.01  # rosinality's Generator(lr_mlp=0.01); not recoverable from the tensors
 W_AVG_SAMPLES = 4096  # rosinality's generate.py: mean_latent(4096), used when latent_avg is absent
@@ -62,9 +63,13 @@ def read_rosinality(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], t
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(f"{path}: refused by torch's weights-only loader: {err}") from None
+        # Only what was refused: torch's own text goes on to advise weights_only=False, which must never be done.
+        raise UnsafeCheckpointError(f"{path}: refused by torch's weights-only loader: {_refusal_core(str(err))}"
+                                    ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise UserError(f"{path}: not a torch checkpoint ({err})") from None
+    except (MemoryError, OverflowError) as err:
+        raise UserError(f"{path}: a tensor in it would need more memory than exists ({type(err).__name__})") from None
     if not isinstance(ckpt, Mapping):
         raise UserError(f"{path}: expected a dict with 'g_ema' or a state dict, got {type(ckpt).__name__}")
     state = ckpt.get("g_ema", ckpt)

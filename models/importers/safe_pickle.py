@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,11 +97,18 @@ def _storage_from_bytes(data: Any) -> torch.storage.TypedStorage:
 
 
 def _refusal_core(message: str) -> str:
-    """torch's weights-only refusal is a page of advice; keep the paragraphs that say what was refused."""
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    parts = [p.strip().removeprefix("WeightsUnpickler error:").strip() for p in message.split("\n\n")]
-    core = [p for p in parts if p and not p.startswith(boilerplate)]
-    return " ".join(core) or message
+    """What torch's weights-only loader refused (e.g. 'Unsupported global: GLOBAL evilmod.Payload').
+
+    torch's full message is a page of advice that includes re-running with weights_only=False, which
+    means executing code from the file: never repeated to a user of a tool that must not do that."""
+    _, marker, detail = message.partition("WeightsUnpickler error:")
+    if marker:
+        text = re.split(r" was not an allowed global| Please use|Check the documentation", detail)[0]
+    else:
+        advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        paragraphs = [p.strip() for p in message.split("\n\n")]
+        text = " ".join(p for p in paragraphs if p and not p.startswith(advice) and "weights_only" not in p)
+    return " ".join(text.split()).rstrip(".") or "a disallowed object"
 
 
 def _is_int_tuple(value: Any) -> bool:
@@ -134,12 +142,35 @@ def _rebuild_parameter(data: Any, *_ignored: Any) -> torch.Tensor:
     return data
 
 
+# No array in a real snapshot comes near this; a pickle asking for more is malformed or hostile, and
+# numpy would otherwise try to allocate it (MemoryError, or the machine swapping) before anything checks.
+MAX_ARRAY_BYTES = 1 << 34
+
+
 def _numpy_core(name: str) -> Callable:
     try:  # numpy >= 2 moved numpy.core to numpy._core; pickles from either name the same functions
         from numpy._core import multiarray
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import multiarray
-    return getattr(multiarray, name)
+    function = getattr(multiarray, name)
+    return _bounded_reconstruct(function) if name == "_reconstruct" else function
+
+
+def _bounded_reconstruct(reconstruct: Callable) -> Callable:
+    """numpy's `_reconstruct(subtype, shape, dtype)` allocates `shape` at once: refuse absurd sizes first."""
+
+    def bounded(subtype: Any, shape: Any, dtype: Any) -> Any:
+        dims = (shape,) if isinstance(shape, int) else shape
+        if not _is_int_tuple(dims) or min([*dims, 0]) < 0:
+            raise UserError(f"numpy array: invalid shape {shape!r}")
+        need = int(np.prod([int(d) for d in dims], dtype=object)) * np.dtype(dtype if not isinstance(
+            dtype, bytes) else dtype.decode("latin1")).itemsize
+        if need > MAX_ARRAY_BYTES:
+            raise UserError(f"numpy array of shape {tuple(dims)} would need {need / 2**30:.3g} GiB; not a real "
+                            "network snapshot")
+        return reconstruct(subtype, shape, dtype)
+
+    return bounded
 
 
 # Global name -> what it resolves to. Everything here is data construction with no side effects.
@@ -201,3 +232,6 @@ def load_restricted_pickle(path: str | Path) -> Any:
         raise UserError(f"{path}: file not found") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as err:
         raise UserError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
+    except (MemoryError, OverflowError) as err:
+        raise UserError(f"{path}: an array in it would need more memory than exists ({type(err).__name__}); "
+                        "not a real network snapshot") from None

@@ -128,7 +128,14 @@ def test_image_folder_equals_direct_embedding(tmp_path):
     (data / "VIS" / "notes.txt").write_text("hello")  # not an image
     write_image(data / "VIS" / "noidentity.png", rng)  # bad name
     embedder = tiny_embedder()
-    source = embeddings_from_images(str(data), embedder, batch_size=2, include_nir=True, progress=False)
+    with pytest.raises(UserError, match=r"noidentity\.png: file name is not"):
+        embeddings_from_images(str(data), embedder, batch_size=2, include_nir=True, progress=False)
+    (data / "VIS" / "noidentity.png").rename(data / "noidentity.png")
+    with pytest.raises(UserError, match=r"VIS/4_0\.png: undecodable image.*--skip-bad"):
+        embeddings_from_images(str(data), embedder, batch_size=2, include_nir=True, progress=False)
+    (data / "noidentity.png").rename(data / "VIS" / "noidentity.png")
+    source = embeddings_from_images(str(data), embedder, batch_size=2, include_nir=True, progress=False,
+                                    skip_bad=True)
 
     expected_files = [f"VIS/{n}" for n in names] + [f"NIR/{n}" for n in names[:2]]
     assert source.files.tolist() == expected_files

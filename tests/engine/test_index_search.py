@@ -201,9 +201,30 @@ def test_check_compatible_refuses_other_embedders(tmp_path):
     other = tiny_embedder(1)
     with pytest.raises(UserError) as err:
         index.check_compatible(other)
-    assert embedder.fingerprint in str(err.value) and other.fingerprint in str(err.value)
+    assert embedder.fingerprint[:16] in str(err.value) and other.fingerprint[:16] in str(err.value)
     with pytest.raises(UserError, match="32-d .* 16-d"):
         index.check_compatible(tiny_embedder(0, dim=16))
+    # Same weights, other preprocessing: the message names exactly the fields that differ.
+    raw = tiny_embedder(0).set_preprocessing(Preprocessing(input_size=32, mean=(0, 0, 0), std=(1 / 255,) * 3))
+    with pytest.raises(UserError, match=r"other preprocessing \(mean: index \[0\.5, 0\.5, 0\.5\], given "
+                                        r"\[0\.0, 0\.0, 0\.0\]; std: .*change mean, std"):
+        index.check_compatible(raw)
+
+
+def test_mismatch_names_weights_when_the_index_records_them(tmp_path):
+    embedder = tiny_embedder(0)
+    build_index(np.random.default_rng(9).standard_normal((5, 32)), list("aabbc"), list("12345"),
+                Storage(str(tmp_path)), embedder_fingerprint=embedder.fingerprint,
+                preprocessing=embedder.preprocessing.to_dict(), embedder_weights=embedder.weights_fingerprint)
+    index = PrivacyIndex.open(str(tmp_path))
+    assert index.info.embedder_weights == embedder.weights_fingerprint
+    with pytest.raises(UserError, match="built with other weights"):
+        index.check_compatible(tiny_embedder(1))
+    bgr = tiny_embedder(0).set_preprocessing(Preprocessing(input_size=32, channel_order="BGR"))
+    assert bgr.weights_fingerprint == embedder.weights_fingerprint and bgr.fingerprint != embedder.fingerprint
+    with pytest.raises(UserError, match=r"the same weights but other preprocessing \(channel_order: index RGB, "
+                                        r"given BGR\)"):
+        index.check_compatible(bgr)
 
 
 def test_open_refuses_bad_backend_and_missing_index(tmp_path):

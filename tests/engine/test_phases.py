@@ -73,7 +73,7 @@ def identities_for(bundle, wanted=4):
     return Identities.from_selection(select_all(bundle, np.arange(40), wanted))
 
 
-DECISION_KEYS = ("identity", "sample", "slot", "attempt", "privacy_nearest_identity")
+DECISION_KEYS = ("identity", "sample", "slot", "attempt")
 
 
 def test_expand_decisions_do_not_depend_on_batch_size(models, population_index, tmp_path):
@@ -88,6 +88,9 @@ def test_expand_decisions_do_not_depend_on_batch_size(models, population_index, 
     assert [{k: m[k] for k in DECISION_KEYS} for m in small.metas] == [
         {k: m[k] for k in DECISION_KEYS} for m in large.metas
     ]
+    # The nearest real identity stays out of the released metadata; it travels separately (private/).
+    assert not any(k.startswith("privacy_nearest") for m in small.metas for k in m)
+    assert small.nearest.tolist() == large.nearest.tolist() and len(small.nearest) == len(small.metas)
     for a, b in zip(small.metas, large.metas):
         assert a["anchor_sim"] == pytest.approx(b["anchor_sim"], abs=1e-3)
     assert {k: v for k, v in small.stats.items() if k != "max_real_sim"} == {
@@ -150,9 +153,9 @@ def test_nir_privacy_check_rejects_a_planted_nir_face(models, tmp_path):
     planted = embedder.embed(nir).numpy()  # the NIR face of slot 3 is "a real person"
     embeddings = np.concatenate([real_population(generator, embedder, 20), planted])
     index = make_index(str(tmp_path / "idx"), embedder, embeddings)
-    vis_only = propose(tiny_bundle(tiny_spec(str(tmp_path)), index, generator, embedder), np.arange(5))
-    with_nir = propose(tiny_bundle(tiny_spec(str(tmp_path), **{"privacy.check_nir": "true"}), index, generator,
+    vis_only = propose(tiny_bundle(tiny_spec(str(tmp_path), **{"privacy.check_nir": "false"}), index, generator,
                                    embedder), np.arange(5))
+    with_nir = propose(tiny_bundle(tiny_spec(str(tmp_path)), index, generator, embedder), np.arange(5))  # default
     assert with_nir.verdict[3] == "privacy" and with_nir.real_identity[3] == "20"
     assert with_nir.real_sim[3] == pytest.approx(1.0, abs=1e-5)
     assert vis_only.real_sim[3] < 1.0 - 1e-3

@@ -124,8 +124,51 @@ def test_bad_input_exits_2_before_any_work(job, tmp_path, capsys, change, messag
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("error:") == 1
-    leftover = sorted(os.listdir(tmp_path / "out")) if (tmp_path / "out").exists() else []
-    assert set(leftover) <= {"job.yaml", "job.sha256"}
+    assert not (tmp_path / "out").exists()  # a refused job leaves its output location as it found it
+
+
+def test_auto_threshold_needs_a_calibrated_index_and_refusals_write_nothing(job, tmp_path, capsys):
+    import shutil
+
+    index = tmp_path / "index"
+    shutil.copytree(Path(job).parent / "index", index)
+    out = tmp_path / "o"
+    args = ["generate", job, "--out", str(out), "--index", str(index), "--privacy-threshold", "auto"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not calibrated at FMR 0.0001" in err and f"facegen index calibrate {index} --fmr 0.0001" in err
+    assert not out.exists()
+    # The same command again gets the same answer, not "already holds a job".
+    assert main(args) == 2 and "already holds" not in capsys.readouterr().err
+    assert main(["index", "calibrate", str(index), "--fmr", "1e-4", "--fmr", "0.05"]) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # 40 enrolled stand-ins: 780 impostor pairs cannot resolve 1e-4
+    assert "780 impostor pairs, too few to resolve FMR 0.0001 (needs 100000" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--fmr", "0.05", "--set", "identities=1"]) == 0
+    capsys.readouterr()
+    threshold = json.loads((index / "index.json").read_text())["thresholds"][1]["threshold"]
+    report = json.loads((out / "report.json").read_text())["privacy_certificate"]
+    assert report["threshold"] == threshold
+    assert report["threshold_source"] == "calibrated at FMR 0.05 on 780 impostor pairs"
+    assert report["certified"] == ["VIS", "NIR"] and report["embedder"]["preprocessing"]["input_size"] == 32
+    marker = json.loads((out / "done" / "000000.json").read_text())["stats"]["certificate"]
+    assert marker["threshold"] == threshold and marker["certified"] == ["VIS", "NIR"]
+    html = (out / "report.html").read_text()
+    assert "CERTIFIED (VIS and NIR): max cosine similarity to every enrolled real image" in html
+    assert "calibrated at FMR 0.05 on 780 impostor pairs" in html
+
+
+def test_nir_not_checked_is_said_in_the_headline(job, tmp_path, capsys):
+    out = tmp_path / "vis-only"
+    assert main(["generate", job, "--out", str(out), "--set", "privacy.check_nir=false",
+                 "--set", "identities=1"]) == 0
+    assert "VIS certified, NIR not checked" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())["privacy_certificate"]
+    assert report["certified"] == ["VIS"] and report["nir_written"] is True
+    assert report["threshold_source"] == "given by hand"
+    html = (out / "report.html").read_text()
+    assert "VIS certified, NIR not checked" in html and "CERTIFIED (" not in html
 
 
 def test_c_dim_must_match_the_embedder(job, tmp_path, capsys):
@@ -136,7 +179,9 @@ def test_c_dim_must_match_the_embedder(job, tmp_path, capsys):
     other = IResNet(IResNetConfig(depth=18, embedding_dim=16, input_size=32, base_width=8))
     save_native(TorchEmbedder(other, Preprocessing(input_size=32)).module, tmp_path / "E16.safetensors")
     assert main(["generate", job, "--out", str(tmp_path / "o"), "--embedder", str(tmp_path / "E16.safetensors")]) == 2
-    assert "c_dim 32 != embedder width 16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "c_dim 32 != embedder width 16" in err or "16-d" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_index_of_another_embedder_is_refused(job, tmp_path, capsys):
@@ -146,6 +191,7 @@ def test_index_of_another_embedder_is_refused(job, tmp_path, capsys):
     save_native(tiny_embedder(seed=7).module, tmp_path / "E7.safetensors")
     assert main(["generate", job, "--out", str(tmp_path / "o"), "--embedder", str(tmp_path / "E7.safetensors")]) == 2
     assert "fingerprint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_unwritable_output_is_refused(job, tmp_path, capsys):
@@ -218,17 +264,20 @@ def test_s3_output(job, s3_bucket):
 def test_audit_with_the_generating_embedder_reproduces_the_certificate(job, reference, tmp_path, capsys):
     folder = Path(job).parent
     args = ["audit", str(reference), "--index", str(folder / "index"), "--embedder", str(folder / "E.safetensors"),
-            "--json", "--out", str(tmp_path / "audit.parquet")]
+            "--json", "--out", str(tmp_path / "audit.parquet"), "--with-identities"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 8 and summary["violations"] == 0 and summary["threshold"] == 0.95
+    assert summary["audited"] == ["VIS", "NIR"] and summary["complete"] is True
     audit = pq.read_table(tmp_path / "audit.parquet").to_pylist()
     manifest = pq.read_table(sorted((reference / "manifest").iterdir())).to_pylist()
-    assert [row["key"] for row in audit] == [row["key"] for row in manifest]
-    for a, m in zip(audit, manifest):
-        # The certified similarity is the one an auditor gets from the PNG on disk.
-        assert a["vis_max_sim"] == pytest.approx(m["privacy_max_sim"], abs=1e-5)
-        assert a["nearest_identity"] == m["privacy_nearest_identity"]
+    private = pq.read_table(sorted((reference / "private" / "nearest").iterdir())).to_pylist()
+    assert [row["key"] for row in audit] == [row["key"] for row in manifest] == [row["key"] for row in private]
+    for a, m, p in zip(audit, manifest, private):
+        # The certified similarity (VIS and NIR, the larger) is the one an auditor gets from the PNGs on disk.
+        assert max(a["vis_max_sim"], a["nir_max_sim"]) == pytest.approx(m["privacy_max_sim"], abs=1e-5)
+        assert not any(k.startswith("privacy_nearest") for k in m)  # nothing about real people is released
+        assert a["nearest_identity"] == p["nearest_real_identity"]
 
 
 def test_audit_finds_planted_violations_with_an_independent_embedder(job, reference, tmp_path, capsys):
@@ -283,4 +332,4 @@ def test_lossy_output_is_certified_on_the_decoded_pixels(job, tmp_path, capsys):
     manifest = pq.read_table(sorted((out / "manifest").iterdir())).to_pylist()
     assert [a["key"] for a in audit] == [m["key"] for m in manifest]
     for a, m in zip(audit, manifest):
-        assert a["vis_max_sim"] == pytest.approx(m["privacy_max_sim"], abs=1e-5)
+        assert max(a["vis_max_sim"], a["nir_max_sim"]) == pytest.approx(m["privacy_max_sim"], abs=1e-5)

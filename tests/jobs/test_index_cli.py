@@ -27,14 +27,22 @@ def test_build_info_query_calibrate_from_features(tmp_path, capsys):
     out = str(tmp_path / "index")
     assert main(["index", "build", out, "--features", str(tmp_path / "identity_features.json"),
                  "--shard-size", "5"]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {out}: 18 embeddings of 6 identities, dim 16, 4 shard(s)"
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    assert lines[0] == f"wrote {out}: 18 embeddings of 6 identities, dim 16, 4 shard(s)"
+    assert lines[1] == "images per identity: 0000 3, 0001 3, 0002 3, 0003 3, 0004 3, 0005 3"
+    assert lines[2].startswith("impostor scores (different identities, 135 pairs): median ")
+    # identity_features.json is calibrated at enrolment; 135 pairs cannot resolve 1e-3 or 1e-4: said loudly.
+    assert lines[3].startswith("FMR 1e-03: threshold ") and lines[4].startswith("FMR 1e-04: threshold ")
+    assert printed.err.count("WARNING: FMR 0.001 is finer than 135 impostor pairs resolve (needs 10000") == 1
+    assert printed.err.count("WARNING: FMR 0.0001 is finer than 135 impostor pairs resolve (needs 100000") == 1
 
     assert main(["index", "info", out]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines()
                  if not line.startswith("created"))
     assert lines["embeddings"] == "18" and lines["identities"] == "6" and lines["shards"] == "4"
     assert lines["dim"] == "16 (metric ip)" and lines["embedder"].startswith("unknown")
-    assert lines["thresholds"].startswith("none")
+    assert lines["impostors"].startswith("median ") and lines["impostors"].endswith("(135 pairs)")
 
     # Queries: scaled copies of rows 4 and 13, and a row of NaNs.
     queries = np.stack([raw[4] * 0.5, raw[13] * 3, np.full(16, np.nan)]).astype(np.float32)
@@ -57,12 +65,14 @@ def test_build_info_query_calibrate_from_features(tmp_path, capsys):
     assert table[0] == "query\trank\tsimilarity\tidentity\tfile"
     assert table[1].split("\t") == ["0", "1", "1.000000", "0001", names[4]]
 
-    assert main(["index", "calibrate", out, "--fmr", "0.01", "--fmr", "0.1"]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 2 and printed[0].startswith("FMR 1e-02: threshold ")
-    assert "(135 impostor / 18 genuine pairs)" in printed[0]
+    assert main(["index", "calibrate", out, "--fmr", "0.1", "--fmr", "0.01"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out.strip().splitlines()
+    assert len(printed) == 3 and printed[0].startswith("impostor scores (different identities, 135 pairs)")
+    assert printed[2].startswith("FMR 1e-02: threshold ") and "(135 impostor / 18 genuine pairs)" in printed[2]
+    assert "FMR 0.1 is finer" not in captured.err and "FMR 0.01 is finer than 135 impostor pairs" in captured.err
     stored = json.loads((tmp_path / "index" / "index.json").read_text())
-    assert [t["fmr"] for t in stored["thresholds"]] == [0.01, 0.1]
+    assert [t["fmr"] for t in stored["thresholds"]] == [0.1, 0.01]
     assert main(["index", "info", out]) == 0
     assert sum(line.startswith("threshold ") for line in capsys.readouterr().out.splitlines()) == 2
 
@@ -82,11 +92,21 @@ def test_build_and_query_images(tmp_path, capsys, embedder_file):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / "VIS" / name)
     (tmp_path / "data" / "VIS" / "9_0.png").write_bytes(b"broken")
     out = str(tmp_path / "index")
+    # An unreadable enrolment image fails the build, naming it (that person would lose protection)...
     assert main(["index", "build", out, "--images", str(tmp_path / "data"), "--embedder", embedder_file,
-                 "--batch", "3"]) == 0
+                 "--batch", "3"]) == 2
+    assert "VIS/9_0.png: undecodable image" in capsys.readouterr().err
+    assert not (tmp_path / "index" / "index.json").exists()
+    # ...unless --skip-bad, which lists it on stdout and in index.json.
+    assert main(["index", "build", out, "--images", str(tmp_path / "data"), "--embedder", embedder_file,
+                 "--batch", "3", "--skip-bad"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}: 4 embeddings of 3 identities, dim 32, 1 shard(s)" in printed
+    assert "images per identity: 1 2, 2 1, 3 1" in printed
     assert "skipped VIS/9_0.png: undecodable image" in printed and "dropped 1: undecodable image" in printed
+    skipped = json.loads((tmp_path / "index" / "index.json").read_text())["skipped"]
+    assert [item["file"] for item in skipped] == ["VIS/9_0.png"]
+    assert skipped[0]["reason"].startswith("undecodable image")
     embedder = load_embedder(embedder_file)
     assert json.loads((tmp_path / "index" / "index.json").read_text())["embedder_fingerprint"] == \
         embedder.fingerprint
