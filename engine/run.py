@@ -1,6 +1,6 @@
 """Running a generation job: the units every executor schedules, and the local (in-process) executor.
 
-Units: `open_output` (spec written first, resume checked), `load_bundle` (models + index, every
+Units: `open_job` (models, index and thresholds checked, then the spec written), `load_bundle` (models + index, every
 compatibility check before any work), `select_identities` (phases 1+2, persisted), `run_shard`
 (phase 3 for one shard: expand, then write tar -> manifest -> marker), `finalize` (report). The Ray
 executor calls the same functions from actors; only the scheduling differs.
@@ -119,13 +119,13 @@ def resolve_job(spec: JobSpec) -> tuple[JobSpec, tuple]:
     for note in embedder.notes:
         log.info("%s", note)
     generator = load_generator(spec.generator.path).to(device).eval().requires_grad_(False)
+    check_generator(generator, embedder)
     if info is not None:
         check_embedder(info, embedder, spec.index.uri)
         print_impostor_lines(info.impostor_scores, _warn_only)
         chosen = resolve_threshold(spec.privacy.threshold, spec.privacy.fmr, info, spec.index.uri)
     else:
         chosen = _features_threshold(spec, embedder)
-    check_generator(generator, embedder)
     calibration = None if chosen["source"] == "given" else {"fmr": chosen["fmr"],
                                                             "impostor_pairs": chosen["impostor_pairs"]}
     privacy = spec.privacy.model_copy(update={"threshold": chosen["threshold"], "calibration": calibration})

@@ -11,6 +11,7 @@ import argparse
 import io
 from typing import TYPE_CHECKING
 
+from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
 from facegen.models.errors import UserError
 
 if TYPE_CHECKING:  # torch loads when the command runs, not when the CLI starts
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--generator", required=True, help="generator checkpoint (facegen, ArcBiFaceGAN .pkl, "
                                                       "rosinality/StyleID .pt)")
     p.add_argument("--embedder", required=True, help="face embedder (facegen iresnet, insightface .pth, .onnx)")
+    add_preprocessing_flag(p)
     p.add_argument("--out", required=True, help="output dataset location (local path or fsspec URI)")
     p.add_argument("--ranks", help="rank table from `facegen disentangle rank` (needed for --n and the curve)")
     p.add_argument("--space", default="wplus", choices=["wplus", "style"], help="space to swap in (default: wplus)")
@@ -103,11 +105,12 @@ def run(args: argparse.Namespace) -> int:
     from facegen.engine.anonymise.rank import read_ranks
     from facegen.engine.anonymise.run import AnonymiseJob, anonymise_generated
     from facegen.engine.anonymise.swap import Swapper
+    from facegen.engine.index.compat import embedder_for_index
     from facegen.engine.index.search import PrivacyIndex
     from facegen.engine.progress import progress_callback
     from facegen.engine.storage import Storage
     from facegen.models.latent_space import LatentSpace
-    from facegen.models.loading import load_embedder, load_generator
+    from facegen.models.loading import load_generator
 
     if args.layers and args.space != "wplus":
         raise UserError("--layers swaps whole W+ layers; use it with --space wplus")
@@ -130,10 +133,11 @@ def run(args: argparse.Namespace) -> int:
                        samples_per_shard=args.samples_per_shard, threshold=args.threshold,
                        max_tries=args.max_tries, metric=Metric(lowpass_size=args.lowpass))
     space = LatentSpace(load_generator(args.generator))
-    embedder = load_embedder(args.embedder)
-    index = None
-    if args.index:
-        index = PrivacyIndex.open(args.index)
+    index = PrivacyIndex.open(args.index) if args.index else None
+    # With an index, the same weights default to the preprocessing it was built with.
+    embedder = embedder_for_index(args.embedder, preprocessing_flags(args), index.info if index else None)
+    print_notes(embedder)
+    if index is not None:
         index.check_compatible(embedder)
     swapper = Swapper(space, embedder, job.metric, job.batch_size)
     out = Storage(args.out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 
+from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
 from facegen.models.errors import UserError
 
 
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--generator", required=True, help="generator checkpoint (facegen, ArcBiFaceGAN .pkl, "
                                                       "rosinality/StyleID .pt)")
     r.add_argument("--embedder", required=True, help="face embedder (facegen iresnet, insightface .pth, .onnx)")
+    add_preprocessing_flag(r)
     r.add_argument("--out", required=True, help="rank table to write (.parquet; local path or fsspec URI)")
     r.add_argument("--space", type=_spaces, default=("wplus",),
                    help="comma-separated: wplus, style (default: wplus)")
@@ -126,7 +128,8 @@ def run_rank(args: argparse.Namespace) -> int:
                   metric=Metric(lowpass_size=args.lowpass, epsilon=args.epsilon))
     if not args.out.endswith(".parquet"):
         raise UserError(f"--out {args.out}: the rank table is a .parquet file")
-    generator, embedder = load_generator(args.generator), load_embedder(args.embedder)
+    generator, embedder = load_generator(args.generator), load_embedder(args.embedder, **preprocessing_flags(args))
+    print_notes(embedder)
     space = LatentSpace(generator)
     progress = _progress("disentangle rank")
     if args.executor == "ray":

@@ -171,8 +171,10 @@ def test_a_signal_stops_cleanly_and_resume_is_byte_identical(job, reference, tmp
     assert proc.returncode == 130, stderr
     done = len(os.listdir(out / "done"))
     assert 2 <= done < 6, "stopped too late to test anything"
-    # One line about the stop; besides it only the finished identity selection's closing progress line.
-    lines = [line for line in stderr.splitlines() if not line.startswith("facegen: identities 6/6 (100%)")]
+    # One line about the stop; besides it only the finished identity selection's closing progress line
+    # and the enrolment sanity warning every run repeats (untrained tiny models tell nobody apart).
+    lines = [line for line in stderr.splitlines() if not line.startswith(("facegen: identities 6/6 (100%)",
+                                                                          "facegen: WARNING: different identities"))]
     assert lines == [f"facegen: interrupted after {done} of 6 shards; rerun with --resume"]
     assert not (out / "report.json").exists()
     assert main(["generate", job, "--out", str(out), "--resume"]) == 0
