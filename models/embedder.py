@@ -9,8 +9,10 @@ saved from it. Backends: `TorchEmbedder` (any nn.Module, e.g. `IResNet`) and `On
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -363,6 +365,20 @@ def _file_chunks(path: str) -> Iterator[bytes]:
         yield from iter(lambda: handle.read(1 << 22), b"")
 
 
+# onnxruntime sessions own C++ thread pools. One still alive when the interpreter finalises is
+# destroyed in whatever order module teardown and C++ static destructors happen to run, and a
+# joinable std::thread destroyed then aborts the process ("terminate called without an active
+# exception", exit 134) after the command already succeeded. Closing every live session from an
+# atexit hook releases them while the runtime is whole.
+_LIVE_SESSIONS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_sessions() -> None:
+    for embedder in list(_LIVE_SESSIONS):
+        embedder.close()
+
+
 class OnnxEmbedder(FaceEmbedder):
     """An ONNX face-recognition model run by onnxruntime (insightface packs, OpenCV-zoo SFace, ...).
 
@@ -404,6 +420,11 @@ class OnnxEmbedder(FaceEmbedder):
             p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
         ]
         self._open_session(model)
+        _LIVE_SESSIONS.add(self)
+
+    def close(self) -> None:
+        """Release the onnxruntime session (and its intra-op thread pool) now."""
+        self.session = None
 
     def _check_input(self, model) -> None:
         inputs = model.graph.input

@@ -333,3 +333,32 @@ def test_lossy_output_is_certified_on_the_decoded_pixels(job, tmp_path, capsys):
     assert [a["key"] for a in audit] == [m["key"] for m in manifest]
     for a, m in zip(audit, manifest):
         assert max(a["vis_max_sim"], a["nir_max_sim"]) == pytest.approx(m["privacy_max_sim"], abs=1e-5)
+
+
+def test_audit_exit_codes_usage_and_incomplete(job, reference, tmp_path, capsys):
+    import shutil
+
+    folder = Path(job).parent
+    base = ["--index", str(folder / "index"), "--embedder", str(folder / "E.safetensors")]
+    # 2: thresholds outside (0, 1), an unwritable --out, a missing dataset: one message, no work.
+    assert main(["audit", str(reference), *base, "--threshold", "2.0"]) == 2
+    assert "--threshold 2.0: must be in (0, 1)" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["audit", str(reference), *base, "--out", str(blocker / "a.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker}: output location is not writable" in err and err.count("\n") == 1
+    assert main(["audit", str(tmp_path / "nothing"), *base]) == 2
+    assert "dataset not found" in capsys.readouterr().err
+    # 3: a job killed after some shards. What is there is audited; what is missing is said.
+    partial = tmp_path / "partial"
+    shutil.copytree(reference, partial)
+    (partial / "done" / "000003.json").unlink()
+    (partial / "report.json").unlink()
+    assert main(["audit", str(partial), *base, "--json"]) == 3
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 6 and summary["violations"] == 0 and summary["complete"] is False
+    assert summary["missing"] == [
+        "1 of 4 planned shards are not complete (shard ids [3])",
+        "1 shard file(s) without a completion marker (an interrupted write), e.g. ['facegen-000003.tar']",
+        "no report.json (the job did not finish)"]
