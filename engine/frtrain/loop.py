@@ -140,7 +140,12 @@ class FRTrainer:
         """Every rank's centres and momentum, concatenated in class order (on rank 0; None elsewhere)."""
         momentum = self.opt_head.state.get(self.head.weight, {}).get("momentum_buffer")
         mine = (self.head.weight.detach().cpu(), None if momentum is None else momentum.detach().cpu())
-        shards = dist.gather_objects(mine, self.ctx.world_size)
+        # to rank 0 only: an all-gather would put every centre in every worker's memory
+        if dist.active(self.ctx.world_size):
+            shards = [None] * self.ctx.world_size if self.ctx.is_main else None
+            torch.distributed.gather_object(mine, shards, dst=0)
+        else:
+            shards = [mine]
         if not self.ctx.is_main:
             return None
         weights = torch.cat([w for w, _ in shards])
