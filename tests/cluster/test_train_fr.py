@@ -1,11 +1,13 @@
 """train-fr on Ray Train: 2 CPU workers (gloo) train a tiny iResNet from shards that `facegen generate`
-(a real process) is still writing; a worker is killed and the group restarts from the checkpoint; the
-loss falls; the saved backbone.pth loads as an insightface state dict and embeds like the trainer's model."""
+(a real process) is still writing (the first step happens while the job is paused with 8 of its 12
+shards written); a worker is killed and the group restarts from the checkpoint; the loss falls; the
+saved backbone.pth loads as an insightface state dict and embeds like the trainer's model."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,10 @@ from tests.engine.tiny import write_tiny_job
 from tests.frdata.test_follow import start_generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def markers(data: Path) -> int:
+    return len(os.listdir(data / "done")) if (data / "done").exists() else 0
 
 
 def test_two_ray_workers_train_while_generate_writes_then_restart_after_a_kill(ray_session, tmp_path):
@@ -61,9 +67,22 @@ def test_two_ray_workers_train_while_generate_writes_then_restart_after_a_kill(r
         time.sleep(0.2)
     proc = start_generate(job)  # generation starts only once the training workers are waiting for it
     try:
+        # Pause the job with 8 of its 12 shards written: each worker holds at least 2 of those 8 (6 of 12
+        # each), enough for its 8 samples of the first step, which must then happen while the job is paused.
+        while markers(data) < 8:
+            assert proc.poll() is None and time.time() < deadline + 300, "generate ended or stalled"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        paused_at = markers(data)
+        while not (run_dir / "stats.jsonl").exists() or not (run_dir / "stats.jsonl").read_text().strip():
+            assert trainer.is_alive() and time.time() < deadline + 900, "no training step on the partial dataset"
+            time.sleep(0.2)
+        assert not (data / "report.json").exists() and markers(data) == paused_at < 12
+        proc.send_signal(signal.SIGCONT)
         trainer.join(timeout=900)
         assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
     finally:
+        proc.send_signal(signal.SIGCONT)
         proc.kill()
     assert not trainer.is_alive() and outcome["step"] == 18
 
@@ -72,7 +91,7 @@ def test_two_ray_workers_train_while_generate_writes_then_restart_after_a_kill(r
     assert log.count("Restarted from checkpoint checkpoint-000000006 at step 6") == 1
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
     # trained on shards while the job was still writing them
-    assert stats[0]["step"] == 1 and stats[0]["read_while_generating"] == 1, stats[:3]
+    assert stats[0]["step"] == 1 and stats[0]["read_while_generating"] == 1 and stats[0]["shards_complete"] < 12
     losses = [e["loss"] for e in stats]
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
 
