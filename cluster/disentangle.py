@@ -41,6 +41,8 @@ def run_on_ray(generator: Generator, embedder: FaceEmbedder, job: RankJob, actor
         try:
             refs = [workers[i % len(workers)].run.remote(task) for i, task in enumerate(tasks)]
             pending, done = list(refs), 0
+            if progress:
+                progress(0, len(refs))
             while pending:  # progress as tasks finish; results are collected in task order below
                 ready, pending = ray.wait(pending, num_returns=1)
                 done += len(ready)

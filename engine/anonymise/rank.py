@@ -125,6 +125,8 @@ RunTasks = Callable[[Sequence[Task]], list[tuple[np.ndarray, np.ndarray]]]
 
 def run_locally(scorer: Scorer, progress: Callable[[int, int], None] | None = None) -> RunTasks:
     def run(tasks: Sequence[Task]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if progress:
+            progress(0, len(tasks))  # open the bar now, so its clock covers the first task
         out = []
         for i, task in enumerate(tasks):
             out.append(scorer.run(task))

@@ -207,6 +207,8 @@ def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int
     done = completed_shards(out)
     totals: dict[str, Any] = {"sources": 0, "written": 0, "dropped": 0, "retried": 0, "shards_resumed": 0,
                               "max_source_similarity": None, "max_real_similarity": None}
+    if progress:
+        progress(0, len(shards))
     for shard_id, (start, stop) in enumerate(shards):
         empty = f"{EMPTY_DIR}/{shard_id:06d}.json"
         if shard_id in done or out.exists(empty):

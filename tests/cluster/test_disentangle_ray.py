@@ -20,4 +20,4 @@ def test_ray_actors_rank_exactly_like_the_local_loop(ray_session):
     distributed = rank(space, embedder, job, run_on_ray(space.generator, embedder, job, actors=2,
                                                         progress=lambda done, total: seen.append((done, total))))
     assert distributed.equals(local)
-    assert seen[-1] == (len(job.tasks()), len(job.tasks())) == (4, 4)
+    assert seen[0] == (0, 4) and seen[-1] == (len(job.tasks()), len(job.tasks())) == (4, 4)
