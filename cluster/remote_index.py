@@ -2,7 +2,7 @@
 
 When the enrolled set is too large to replicate into every generator actor, its shards live in
 `IndexShardActor`s (one or more `engine.index.IndexShard`s each, loaded once where the actor lands)
-and `RemoteIndex` answers the `PrivacyIndex` query interface by asking every actor and merging with
+and `RemoteIndex` implements the engine's `Index` protocol by asking every actor and merging with
 the engine's own `reduce_max`. Since `reduce_max` is exact and order-independent (max similarity,
 ties to the smallest row, NaN propagates), the answer equals a single in-process index's bit for bit.
 
@@ -20,6 +20,7 @@ import numpy as np
 import ray
 import torch
 
+from facegen.engine.index.protocol import checked_rows
 from facegen.engine.index.search import IndexShard, PrivacyIndex, reduce_max
 
 
@@ -60,7 +61,7 @@ def group_shards(counts: Sequence[int], num_groups: int) -> list[range]:
 
 
 class RemoteIndex:
-    """The `PrivacyIndex` query interface over index-shard actors (picklable: ships to generator actors).
+    """The engine's `Index` over index-shard actors (picklable: ships to generator actors).
 
     Metadata (dim, count, embedder fingerprint, compatibility checks) comes from the index's own
     `index.json` via a lazily loaded `PrivacyIndex`; no vector is loaded where this object lives.
@@ -92,7 +93,7 @@ class RemoteIndex:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 
-    # -- what Bundle and the engine use ------------------------------------------------------
+    # -- the Index protocol ------------------------------------------------------------------
     @property
     def dim(self) -> int:
         return self.local.dim
@@ -126,10 +127,7 @@ class RemoteIndex:
         return self._lookup(rows, 1)
 
     def _lookup(self, rows: Any, column: int) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        if ((rows < -1) | (rows >= self.count)).any():
-            raise IndexError(f"privacy index: row ids must be in [-1, {self.count}), "
-                             f"got {rows.min()}..{rows.max()}")
+        rows = checked_rows(rows, self.count)
         out = np.full(rows.shape, "", dtype=object)  # row -1 (non-finite query) -> ""
         flat, valid = rows.reshape(-1), rows.reshape(-1) >= 0
         owner = np.searchsorted(self.row_starts, flat, side="right") - 1

@@ -12,14 +12,14 @@ import numpy as np
 
 from facegen.engine.dataset.manifest import completed_shards
 from facegen.engine.dataset.reader import iter_dataset, read_manifest
-from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.index.protocol import Index
 from facegen.engine.phases import Identities
 from facegen.engine.report import write_report
 from facegen.engine.spec import JobSpec, spec_hash
 from facegen.engine.storage import Storage
 
 
-def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dict, index: PrivacyIndex) -> dict:
+def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dict, index: Index) -> dict:
     markers = completed_shards(out)
     stats = [m.get("stats", {}) for m in markers.values()]
     rejected: Counter = Counter()

@@ -1,21 +1,24 @@
-"""Identity-conditioned dual-branch (VIS + NIR) StyleGAN2 generator (ArcBiFaceGAN, SPEC §2).
+"""The StyleGAN2 family: an identity-conditioned dual-branch (VIS + NIR) generator and its renderer.
 
 `Generator(GeneratorConfig(...))` has the parameter/buffer names of StyleGAN2-ADA's `Generator`
-(plus the `toseg` NIR heads), so an ArcBiFaceGAN `G_ema` state dict loads with strict=True.
+(NVlabs/stylegan2-ada-pytorch, training/networks.py) plus ArcBiFaceGAN's `toseg` NIR heads, so an
+ArcBiFaceGAN `G_ema` state dict loads with strict=True. `StyleGAN2Renderer` is the family's
+`models.rendering.ImageGenerator`: it owns the sampling knobs (truncation, noise mode, convolution path).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from facegen.models.layers import MappingNetwork
 from facegen.models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
-from facegen.models.synthesis import SynthesisNetwork
+from facegen.models.synthesis import NOISE_MODES, SynthesisNetwork
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,61 @@ def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
     The layout is kept (NCHW in, NCHW out).
     """
     return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class StyleGAN2Settings:
+    """How the family samples. `noise_mode` "random" takes per-sample noise from the caller (so each
+    sample's noise is its own, independent of the batch), "const" uses the trained noise buffers.
+    `modulated_conv`: "shared" runs one convolution per layer on NHWC activations (fastest on CPU
+    and on GPU at large batch), "fused" one grouped convolution with per-sample weights. Both are
+    StyleGAN2's math; their float summation order differs in the last bits."""
+
+    truncation_psi: float = 1.0
+    truncation_cutoff: int | None = None
+    noise_mode: str = "const"
+    modulated_conv: Literal["shared", "fused"] = "shared"
+
+    def __post_init__(self) -> None:
+        require(is_number(self.truncation_psi, 0, low_inclusive=True), "generator", "truncation_psi",
+                "must be a number >= 0")
+        require(self.truncation_cutoff is None or is_int(self.truncation_cutoff, 1), "generator",
+                "truncation_cutoff", "must be null or an integer >= 1")
+        require(self.noise_mode in NOISE_MODES, "generator", "noise_mode", f"must be one of {NOISE_MODES}")
+        require(self.modulated_conv in ("shared", "fused"), "generator", "modulated_conv",
+                "must be 'shared' or 'fused'")
+
+
+class StyleGAN2Renderer:
+    """`ImageGenerator` and `LatentSpaces` over a loaded `Generator`, with fixed `StyleGAN2Settings`."""
+
+    def __init__(self, generator: Generator, settings: StyleGAN2Settings = StyleGAN2Settings()) -> None:
+        self.generator, self.settings = generator, settings
+        self.z_dim, self.c_dim = generator.z_dim, generator.c_dim
+
+    @classmethod
+    def from_settings(cls, generator: Generator, settings: Mapping[str, Any]) -> StyleGAN2Renderer:
+        return cls(generator, config_from_dict(StyleGAN2Settings, dict(settings), "generator"))
+
+    def noise_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.generator.synthesis.noise_shapes() if self.settings.noise_mode == "random" else {}
+
+    def w_plus(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        s = self.settings
+        return self.generator.mapping(z, c, truncation_psi=s.truncation_psi, truncation_cutoff=s.truncation_cutoff)
+
+    def style_space(self, ws: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.generator.synthesis.compute_styles(ws)
+
+    def render_w_plus(self, ws: torch.Tensor, noise: dict[str, torch.Tensor] | None = None,
+                      styles: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Caller noise replaces the trained buffers; "const" then only scales it by noise_strength.
+        mode = "const" if noise else self.settings.noise_mode
+        shared = self.settings.modulated_conv == "shared"
+        # The grouped conv cannot use NHWC, so the shared path is the channels-last one.
+        return self.generator.synthesis(ws, noise_mode=mode, noise=noise or None, styles=styles, fast=not shared,
+                                        channels_last=shared)
+
+    def render(self, z: torch.Tensor, c: torch.Tensor | None,
+               noise: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.render_w_plus(self.w_plus(z, c), noise)

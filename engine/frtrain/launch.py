@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from facegen.engine.frdata import FRDataset
 from facegen.engine.frtrain.checkpoint import latest_checkpoint, load_checkpoint
 from facegen.engine.frtrain.loop import train_fr
 from facegen.engine.frtrain.spec import FRTrainSpec
 from facegen.engine.storage import Storage
-from facegen.engine.training.context import local_context, pick_device
+from facegen.engine.training.context import local_context
 from facegen.engine.training.rundir import next_run_name
+from facegen.models.devices import resolve_device
 from facegen.models.errors import UserError
 
 
@@ -62,8 +61,6 @@ def prepare(spec: FRTrainSpec, create: bool = True) -> PreparedFR:
 
 def run_local(spec: FRTrainSpec, prepared: PreparedFR) -> dict[str, Any]:
     """Train in this process (rank 0 of 1); checkpoints go to `RUN/checkpoints/`."""
-    device = pick_device(spec.run.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device: cuda requested but no CUDA device is available")
+    device = resolve_device(spec.run.device, local_rank=0)
     run = Storage(prepared.run_uri, spec.output.storage_options)
     return train_fr(spec, local_context(run, device, spec.schedule.keep_checkpoints), prepared.run_uri)

@@ -14,6 +14,7 @@ from facegen.engine.index.calibrate import (
     calibration_scores,
     threshold_at_fmr,
 )
+from facegen.engine.index.protocol import Index
 from facegen.engine.index.prune import ClusteredShard
 from facegen.engine.index.search import IndexShard, PrivacyIndex, reduce_max, reduce_topk
 from facegen.engine.index.sources import (
@@ -32,6 +33,7 @@ __all__ = [
     "CalibrationScores",
     "ClusteredShard",
     "EmbeddingSource",
+    "Index",
     "IndexInfo",
     "IndexShard",
     "PrivacyIndex",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from facegen.engine.index.backends import FaissBackend, NumpyBackend, TorchBackend, merge_topk, resolve_backend
+from facegen.engine.index.protocol import checked_rows
 from facegen.engine.index.store import (
     NORM_TOLERANCE,
     IndexInfo,
@@ -199,7 +200,7 @@ class IndexShard:
 
 
 class PrivacyIndex:
-    """A whole privacy index in this process: every shard searched here, answers max-reduced."""
+    """A whole privacy index in this process (an `Index`): every shard searched here, answers max-reduced."""
 
     def __init__(self, storage: Storage, info: IndexInfo, *, backend: str = "auto", device: str = "cpu"):
         self.storage, self.info = storage, info
@@ -269,10 +270,7 @@ class PrivacyIndex:
         return self._labels
 
     def _lookup(self, rows: Any, column: int) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        if ((rows < -1) | (rows >= self.count)).any():
-            raise IndexError(f"privacy index: row ids must be in [-1, {self.count}), "
-                             f"got {rows.min()}..{rows.max()}")
+        rows = checked_rows(rows, self.count)
         values = self.labels()[column]
         out = np.full(rows.shape, "", dtype=object)  # row -1 (non-finite query) -> ""
         out[rows >= 0] = values[rows[rows >= 0]]

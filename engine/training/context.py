@@ -36,12 +36,6 @@ class TrainContext:
         return self.rank == 0
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
 def local_context(run: Storage, device: torch.device, keep_checkpoints: int = 2,
                   latest_checkpoint: str | None = None) -> TrainContext:
     """Single process; checkpoints go to `RUN/checkpoints/<name>/`, the newest `keep_checkpoints` kept."""

@@ -11,10 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from facegen.engine.storage import Storage
-from facegen.engine.training.context import local_context, pick_device
+from facegen.engine.training.context import local_context
 from facegen.engine.training.loop import open_spec_data, train
 from facegen.engine.training.presets import Hyperparams
 from facegen.engine.training.rundir import describe, next_run_name
@@ -51,10 +49,6 @@ def prepare(spec: TrainSpec, num_workers: int | None = None, create: bool = True
 def run_local(spec: TrainSpec, prepared: Prepared, device: str | None = None) -> dict[str, Any]:
     """Train in this process (rank 0 of 1); checkpoints go to `RUN/checkpoints/`."""
     run = Storage(prepared.run_uri, spec.output.storage_options)
-    target = pick_device(device or spec.run.device)
-    if target.type == "cuda" and not torch.cuda.is_available():
-        from facegen.models.errors import UserError
-
-        raise UserError("run.device: cuda requested but no CUDA device is available")
+    target = resolve_device(device or spec.run.device, local_rank=0)
     ctx = local_context(run, target, spec.schedule.keep_checkpoints)
     return train(spec, ctx, prepared.run_uri)

@@ -2,7 +2,8 @@
 original filter's loop.
 
 Baseline (measured in the same run): ArcBiFaceGAN's privacy test, a Python loop over every real
-identity computing one torch cosine per identity per candidate and comparing it on the host (SPEC §4).
+identity computing one torch cosine per identity per candidate and comparing it on the host (its
+generate_recognition_data.py).
 It is timed on `--baseline-candidates` candidates over at most `--baseline-max-identities` identities;
 past that its cost (linear in the identity count) is extrapolated and marked so.
 Ours: one `max_similarity` call over a batch of `--queries` candidates against every enrolled vector,
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from facegen.engine.index import DEFAULT_COMPAT_THRESHOLDS, IndexShard, faiss_has_gpu, reduce_max
+from facegen.models.devices import resolve_device
 from facegen.models.errors import UserError
 
 
@@ -62,9 +64,7 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         raise UserError(f"--sizes: {args.sizes!r} is not a comma list of integers") from None
     if not sizes or min(sizes) <= 0 or args.queries <= 0 or args.repeats <= 0 or args.baseline_candidates <= 0:
         raise UserError("--sizes, --queries, --repeats, --baseline-candidates: must be positive")
-    on_gpu = args.device.startswith("cuda")
-    if on_gpu and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here")
+    on_gpu = resolve_device(args.device, what="--device").type == "cuda"
     default = ["torch"] + (["faiss"] if faiss_has_gpu() else []) if on_gpu else ["faiss", "torch", "numpy"]
     backends = args.backends.split(",") if args.backends else default
     unknown = sorted(set(backends) - {"faiss", "torch", "numpy"})
@@ -83,7 +83,8 @@ def unit_vectors(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
 
 
 # Sample = unit centre + noise of norm SAME_ID_NOISE: two samples of an identity then have cosine
-# ~1 / (1 + noise^2) = 0.776, ArcBiFaceGAN's typical same-identity cosine for ArcFace (SPEC §4).
+# ~1 / (1 + noise^2) = 0.776, the typical same-identity ArcFace cosine hard-coded in ArcBiFaceGAN's
+# generate_recognition_data.py.
 SAME_ID_NOISE = float(np.sqrt(1 / 0.776 - 1))
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from facegen.models.devices import resolve_device
 from facegen.models.embedder import Preprocessing, TorchEmbedder
 from facegen.models.errors import UserError
 from facegen.models.generator import Generator, GeneratorConfig
 from facegen.models.iresnet import DEPTH_LAYERS, IResNet, IResNetConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONDITION_NORM = 4.0  # ArcBiFaceGAN's condition: a random direction of norm 4 (SPEC §4)
+CONDITION_NORM = 4.0  # ArcBiFaceGAN's condition: 4 · normalize(randn) (generate_recognition_data.py)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,11 +90,10 @@ def _check_args(args: argparse.Namespace) -> torch.device:
             raise UserError(f"--{key}: must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0:
         raise UserError(f"--warmup: must be >= 0, got {args.warmup}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    if args.dtype == "fp16" and args.device != "cuda":
+    device = resolve_device(args.device, what="--device")
+    if args.dtype == "fp16" and device.type != "cuda":
         raise UserError("--dtype fp16: fp16 runs only on CUDA (use fp32 or bf16 on CPU)")
-    return torch.device(args.device)
+    return device
 
 
 def _build_models(args: argparse.Namespace, device: torch.device) -> tuple[Generator, TorchEmbedder]:

@@ -32,6 +32,7 @@ from facegen.engine.storage import Storage
 from facegen.engine.training.context import TrainContext
 from facegen.engine.training.loop import Trainer
 from facegen.engine.training.spec import build_train_spec
+from facegen.models.devices import resolve_device
 from facegen.models.errors import UserError
 
 # StyleGAN2-ADA README, "Expected training time" (stylegan2-ada-pytorch, NVlabs): sec/kimg at 256x256 on
@@ -116,10 +117,7 @@ def _settle(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, defaults[key])
     args.overrides = list(defaults["set"]) + list(args.overrides)
     args.compat = args.compat or ("facegen" if args.quick else "original")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device available")
+    args.device = resolve_device(args.device, what="--device").type
     if args.resolution < 8 or args.resolution & (args.resolution - 1):
         raise UserError(f"--resolution: {args.resolution} is not a power of two >= 8")
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0

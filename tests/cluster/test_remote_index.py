@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from facegen.cluster.remote_index import RemoteIndex, group_shards
-from facegen.engine.index import PrivacyIndex, build_index
+from facegen.engine.index import Index, PrivacyIndex, build_index
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
@@ -54,6 +54,11 @@ def test_max_similarity_is_bit_identical(remote, index):
     torch_sims, torch_rows = remote.max_similarity(torch.from_numpy(q))  # what Bundle passes
     np.testing.assert_array_equal(torch_sims, ref_sims)
     np.testing.assert_array_equal(torch_rows, ref_rows)
+
+
+def test_both_indexes_implement_the_engine_index_protocol(remote, index):
+    assert isinstance(remote, Index) and isinstance(index, Index)
+    assert not isinstance(object(), Index)
 
 
 def test_labels_and_metadata(remote, index):
