@@ -2,7 +2,7 @@
 
 A `GeneratorWorker` holds one loaded `Bundle` (generator, embedder, and a replica of the privacy index
 or a `RemoteIndex` over index-shard actors) and runs the engine's own units: `engine.phases.propose`
-for a block of identity slots and `engine.run.run_shard` for one shard (tar, manifest, marker are
+for a block of identity slots and `engine.job.run_shard` for one shard (tar, manifest, marker are
 written by the engine). `GeneratorPool` owns the actors, replaces one that died (node lost, process
 killed) and says which failures are infrastructure (retry) and which are the job's own (stop).
 """
@@ -21,8 +21,8 @@ import ray
 import torch
 from ray import exceptions as rex
 
+from facegen.engine.job import load_bundle, run_shard
 from facegen.engine.phases import Identities, Proposals, propose
-from facegen.engine.run import load_bundle, run_shard
 from facegen.engine.spec import JobSpec
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError

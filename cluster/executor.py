@@ -1,11 +1,14 @@
 """The Ray executor: the engine's units on generator actors, scheduled by one driver.
 
-Phases, in order (the same units as `engine.run.run_local`, only scheduled differently):
+Phases, in order (the units of `engine.job`, as `engine.local.run_local` runs them, only scheduled
+differently):
 1. `open_job` on the driver: models, index and thresholds checked, then the resolved spec and its
-   hash are written before anything else.
+   hash are written before anything else; a compat job's index is enrolled once, in one task on a
+   worker (`enrol_compat_index`).
 2. Generator actors (one per GPU, or per CPU slot) load the bundle; the privacy index is either
-   replicated into each of them or held by index-shard actors (`cluster.remote_index`).
-3. Select: `engine.run.select_identities` on the driver, fed by `propose_many`, which keeps a bounded
+   replicated into each of them or held by index-shard actors (`cluster.remote_index`), as
+   `choose_placement` decides from `run.index_placement`.
+3. Select: `engine.job.select_identities` on the driver, fed by `ProposeMany`, which keeps a bounded
    number of proposal blocks in flight across the actors and yields them in block order.
 4. Expand: pending shards go to the actors (bounded in flight, `ray.wait`); a shard whose actor or
    node died is retried on a replacement actor, at most `run.max_retries` times.
@@ -25,6 +28,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, get_args
 
 import numpy as np
 import ray
@@ -38,19 +43,25 @@ from facegen.cluster.actors import (
     raise_user_error,
 )
 from facegen.cluster.remote_index import RemoteIndex
-from facegen.engine.bundle import resolve_device
 from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.job import (
+    compat_index_pending,
+    enrol_compat_index,
+    open_job,
+    open_job_index,
+    pending_shards,
+    select_identities,
+)
 from facegen.engine.phases import Identities, Proposals
 from facegen.engine.progress import progress_bar
-from facegen.engine.run import COMPAT_INDEX_DIR, load_bundle, open_job, pending_shards, select_identities
-from facegen.engine.spec import JobSpec
+from facegen.engine.spec import IndexPlacement, JobSpec
 from facegen.engine.storage import Storage
 from facegen.engine.summary import finalize
 from facegen.models.errors import UserError
 
 log = logging.getLogger("facegen")
 
-PLACEMENTS = ("auto", "replicated", "sharded")
+PLACEMENTS = get_args(IndexPlacement)
 # `auto` replicates the index into every generator actor while all replicas on one node take at most
 # this share of the node's memory and one replica at most REPLICATE_MAX_BYTES; otherwise it shards.
 REPLICATE_MEMORY_SHARE = 0.25
@@ -60,28 +71,27 @@ IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: an actor never waits for the
 EventHook = Callable[[str, dict], None]
 
 
-def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, index_placement: str | None = None,
-            index_actors: int | None = None, on_event: EventHook | None = None) -> dict:
+def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_event: EventHook | None = None) -> dict:
     """Run a whole job on Ray; returns the report (`engine.summary.finalize`) plus an `executor` section.
 
-    `run.address` None starts an embedded local Ray (or joins the cluster of `RAY_ADDRESS`, as inside a
-    submitted job); an already initialised Ray in this process is used as it is.
-    `index_placement`: 'auto' | 'replicated' | 'sharded' (default: `run.index_placement` if the spec has
-    it, else 'auto'); `index_actors` caps the index-shard actors (default: one per index shard).
-    `on_event(kind, data)` sees actor and shard events (tests, dashboards).
+    Everything about how to run comes from `spec.run`: `address` None starts an embedded local Ray (or
+    joins the cluster of `RAY_ADDRESS`, as inside a submitted job; an already initialised Ray in this
+    process is used as it is), `index_placement` and `index_actors` place the privacy index,
+    `num_workers` and `max_retries` size the pool. `on_event(kind, data)` sees actor and shard events
+    (tests, dashboards).
     """
     started = time.monotonic()
     spec, out, _ = open_job(spec, resume, load=False)
     with ray_connection(spec.run.address):
         plan = plan_workers(spec, ray.cluster_resources())
         index = open_driver_index(spec, out, plan)
-        requested = index_placement or getattr(spec.run, "index_placement", None) or "auto"
-        placement = choose_placement(requested, index.count * index.dim * 4, plan.num_workers, worker_node_memory())
+        placement = choose_placement(spec.run.index_placement, index.count * index.dim * 4, plan.num_workers,
+                                     worker_node_memory())
         remote: list[RemoteIndex] = []  # started with the first generator actor, if sharded
 
         def new_actor():
             if placement == "sharded" and not remote:
-                count = index_actors or getattr(spec.run, "index_actors", None) or index.num_shards
+                count = spec.run.index_actors or index.num_shards
                 remote.append(RemoteIndex.start(index, count, max_restarts=spec.run.max_retries))
             return RemoteGeneratorWorker.options(**plan.options()).remote(
                 spec, out, remote[0] if remote else None, plan.threads)
@@ -150,25 +160,17 @@ def _init_keeping_sigterm(**options) -> None:
 def open_driver_index(spec: JobSpec, out: Storage, plan: WorkerPlan) -> PrivacyIndex:
     """The index's metadata on the driver (index.json only; vectors load where they are searched).
 
-    Compat jobs enrol `index.features` into the dataset once, in one task on a worker, before any
-    generator actor opens it (several actors would otherwise race to enrol it).
+    A compat job's index is enrolled first, in one task on a worker (which has the embedder's file,
+    like every generator actor), so that the actors find it rather than race to enrol it.
     """
-    options = dict(backend=spec.index.backend, device=resolve_device("cpu").type)
-    if spec.index.uri:
-        return PrivacyIndex.open(spec.index.uri, spec.index.storage_options, **options)
-    target = out.child(COMPAT_INDEX_DIR)
-    if not target.exists("index.json"):
-        enrol = ray.remote(_enrol_compat_index).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+    if compat_index_pending(spec, out):
+        enrol = ray.remote(enrol_compat_index).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
         try:
             ray.get(enrol.remote(spec, out))
         except ray.exceptions.RayError as err:
             raise_user_error(err)
             raise
-    return PrivacyIndex.open(target, **options)
-
-
-def _enrol_compat_index(spec: JobSpec, out: Storage) -> None:
-    load_bundle(spec, out)  # enrols identity_features.json into out/privacy-index and checks the models
+    return open_job_index(spec, out, "cpu")
 
 
 def choose_placement(requested: str, vector_bytes: int, num_workers: int, node_memory: list[float]) -> str:
@@ -192,6 +194,21 @@ def worker_node_memory() -> list[float]:
     return [float(n["Resources"].get("memory", 0)) for n in hosts]
 
 
+@dataclass
+class Work:
+    """One unit of work (a proposal block or a shard id) and where it runs: the pending result,
+    the pool slot and that slot's generation when submitted, and its failures so far."""
+
+    item: Any
+    ref: Any = None
+    slot: int = -1
+    generation: int = -1
+    failures: int = 0
+
+    def on_lost_actor(self, slot: int, generation: int) -> bool:
+        return (self.slot, self.generation) == (slot, generation)
+
+
 class ProposeMany:
     """`select_identities`' producer: blocks computed ahead on every actor, yielded in block order."""
 
@@ -201,51 +218,52 @@ class ProposeMany:
 
     def __call__(self, blocks: Iterator[np.ndarray]) -> Iterator[Proposals]:
         pool, blocks = self.pool.start(), iter(blocks)
-        pending: deque[list] = deque()  # [block, ref, slot index, generation, failures]
+        pending: deque[Work] = deque()
         try:
             self._refill(pending, blocks)
             while pending:
-                entry = pending[0]
+                work = pending[0]
                 try:
-                    result = ray.get(entry[1])
+                    result = ray.get(work.ref)
                 except Exception as err:
-                    self._failed(entry, err, pending)
+                    self._failed(work, err, pending)
                     continue
                 pending.popleft()
-                pool.release(entry[2], entry[3])
+                pool.release(work.slot, work.generation)
                 self._refill(pending, blocks)
                 yield result
         finally:  # closed early (selection done): what is still queued runs out unread. Not ray.cancel:
             # cancelling a queued actor task leaves a hole in the actor's task sequence, and the actor
             # then stalls for 30 s and fails every queued task ("Timed out waiting for seq_no").
-            for entry in pending:
-                pool.release(entry[2], entry[3])
+            for work in pending:
+                pool.release(work.slot, work.generation)
 
-    def _refill(self, pending: deque, blocks: Iterator[np.ndarray]) -> None:
+    def _refill(self, pending: deque[Work], blocks: Iterator[np.ndarray]) -> None:
         while (i := self.pool.pick()) is not None:
             block = next(blocks, None)
             if block is None:
                 return
-            pending.append([block, None, -1, -1, 0])
+            pending.append(Work(block))
             self._submit(pending[-1], i)
 
-    def _submit(self, entry: list, i: int) -> None:
-        entry[1:4] = [self.pool.slots[i].actor.propose.remote(entry[0]), *self.pool.submitted(i)]
+    def _submit(self, work: Work, i: int) -> None:
+        work.ref = self.pool.slots[i].actor.propose.remote(work.item)
+        work.slot, work.generation = self.pool.submitted(i)
 
-    def _failed(self, entry: list, err: Exception, pending: deque) -> None:
+    def _failed(self, work: Work, err: Exception, pending: deque[Work]) -> None:
         if not is_lost(err):
             raise_user_error(err)
             raise err
-        dead, generation = entry[2], entry[3]
+        dead, generation = work.slot, work.generation
         self.pool.lost(dead, generation, err)
         # Every block that was on the dead actor goes to a serving one now; `pending` keeps its order.
         for other in pending:
-            if other[2] == dead and other[3] == generation:
-                other[4] += 1
+            if other.on_lost_actor(dead, generation):
+                other.failures += 1
                 self.retries += 1
-                if other[4] > self.max_retries:
-                    raise RuntimeError(f"proposal block at slot {int(other[0][0])} failed {other[4]} times; "
-                                       f"last error: {err}") from err
+                if other.failures > self.max_retries:
+                    raise RuntimeError(f"proposal block at slot {int(other.item[0])} failed {other.failures} "
+                                       f"times; last error: {err}") from err
                 self.pool.wait_serving()
                 self._submit(other, self.pool.pick(full_ok=True))
 
@@ -263,8 +281,8 @@ class ShardScheduler:
             return totals
         pool = self.pool.start()
         box = [ray.put(identities)]
-        queue = deque((shard_id, 0) for shard_id in todo)
-        in_flight: dict = {}  # ref -> (shard_id, slot index, generation, failures)
+        queue = deque(Work(shard_id) for shard_id in todo)
+        in_flight: dict[Any, Work] = {}  # by pending result
         with progress_bar(len(todo), "shards", "shard", progress) as bar:
             self._fill(queue, in_flight, box)
             while in_flight or queue:
@@ -274,42 +292,44 @@ class ShardScheduler:
                     continue
                 ready, _ = ray.wait(list(in_flight) + pool.starting_refs(), num_returns=1)
                 if ready[0] in in_flight:
-                    shard_id, slot, generation, failures = in_flight.pop(ready[0])
-                    pool.release(slot, generation)
+                    work = in_flight.pop(ready[0])
+                    pool.release(work.slot, work.generation)
                     try:
                         marker = ray.get(ready[0])
                     except Exception as err:
-                        self._retry(err, shard_id, slot, generation, failures, queue)
+                        self._retry(err, work, queue)
                         totals["shard_retries"] += 1
                     else:
-                        self._done(marker, shard_id, slot, totals, bar)
+                        self._done(marker, work, totals, bar)
                 self._fill(queue, in_flight, box)  # also takes in replacements that finished loading
         return totals
 
-    def _fill(self, queue: deque, in_flight: dict, box: list) -> None:
+    def _fill(self, queue: deque[Work], in_flight: dict[Any, Work], box: list) -> None:
         while queue and (i := self.pool.pick()) is not None:
-            shard_id, failures = queue.popleft()
-            ref = self.pool.slots[i].actor.run_shard.remote(box, shard_id)
-            in_flight[ref] = (shard_id, *self.pool.submitted(i), failures)
-            self.on_event("shard_submitted", {"shard": shard_id, "slot": i,
+            work = queue.popleft()
+            work.ref = self.pool.slots[i].actor.run_shard.remote(box, work.item)
+            work.slot, work.generation = self.pool.submitted(i)
+            in_flight[work.ref] = work
+            self.on_event("shard_submitted", {"shard": work.item, "slot": i,
                                               "pid": self.pool.slots[i].info.get("pid")})
 
-    def _retry(self, err: Exception, shard_id: int, slot: int, generation: int, failures: int,
-               queue: deque) -> None:
+    def _retry(self, err: Exception, work: Work, queue: deque[Work]) -> None:
         if not is_lost(err):
             raise_user_error(err)
             raise err
-        failures += 1
-        self.on_event("shard_retry", {"shard": shard_id, "failures": failures, "error": type(err).__name__})
-        if failures > self.max_retries:
-            raise RuntimeError(f"shard {shard_id} failed {failures} times (run.max_retries="
+        shard_id = work.item
+        work.failures += 1
+        self.on_event("shard_retry", {"shard": shard_id, "failures": work.failures, "error": type(err).__name__})
+        if work.failures > self.max_retries:
+            raise RuntimeError(f"shard {shard_id} failed {work.failures} times (run.max_retries="
                                f"{self.max_retries}); last error: {err}") from err
         log.warning("shard %d: worker lost (%s); retrying (%d/%d)", shard_id, type(err).__name__,
-                    failures, self.max_retries)
-        self.pool.lost(slot, generation, err)
-        queue.appendleft((shard_id, failures))
+                    work.failures, self.max_retries)
+        self.pool.lost(work.slot, work.generation, err)
+        queue.appendleft(work)
 
-    def _done(self, marker: dict, shard_id: int, slot: int, totals: dict, bar) -> None:
+    def _done(self, marker: dict, work: Work, totals: dict, bar) -> None:
+        shard_id, slot = work.item, work.slot
         if marker.get("shard_id") != shard_id:
             raise RuntimeError(f"shard {shard_id}: the worker returned the marker of shard {marker.get('shard_id')}")
         stats = marker.get("stats", {})

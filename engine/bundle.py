@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from facegen.engine.dataset.codec import round_trip
-from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.index.protocol import Index
 from facegen.engine.quality import Gate, no_gate
 from facegen.engine.seeding import Stream, draw_keys, normal
 from facegen.engine.spec import JobSpec
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError
-from facegen.models.generator import Generator, images_to_uint8
+from facegen.models.generator import images_to_uint8
+from facegen.models.rendering import ImageGenerator, open_generator
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,43 +39,49 @@ class Candidates:
 
 @dataclass
 class Bundle:
-    generator: Generator
+    """The loaded models of a job. `generator` is the loaded module; `renderer` is its family's
+    `ImageGenerator` configured by the spec's generator settings (built here, so every caller
+    constructing a Bundle gets the same sampling)."""
+
+    generator: torch.nn.Module
     embedder: FaceEmbedder
-    index: PrivacyIndex
+    index: Index
     device: torch.device
     spec: JobSpec
     gate: Gate = field(default=no_gate)
+    renderer: ImageGenerator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.renderer = open_generator(self.generator, generator_settings(self.spec))
 
     @property
     def c_dim(self) -> int:
-        return self.generator.c_dim
+        return self.renderer.c_dim
 
     def render(
         self, conditions: np.ndarray, latent_keys: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 NCHW images (VIS, NIR) for one batch; the per-sample draws come from the keys."""
-        g, spec = self.generator, self.spec.generator
-        z = torch.from_numpy(normal(latent_keys, g.z_dim)).to(self.device)
-        c = torch.from_numpy(conditions).to(self.device) if g.c_dim else None
-        noise = self._noise(latent_keys) if spec.noise_mode == "random" else None
-        dtype = _DTYPES[spec.dtype]
+        renderer = self.renderer
+        z = torch.from_numpy(normal(latent_keys, renderer.z_dim)).to(self.device)
+        c = torch.from_numpy(conditions).to(self.device) if renderer.c_dim else None
+        noise = self._noise(latent_keys)
+        dtype = _DTYPES[self.spec.generator.dtype]
         autocast = self.device.type == "cuda" and dtype != torch.float32
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
-            ws = g.mapping(z, c, truncation_psi=spec.truncation_psi, truncation_cutoff=spec.truncation_cutoff)
-            mode = "const" if noise is not None else spec.noise_mode
-            shared = spec.modulated_conv == "shared"
-            vis, nir = g.synthesis(ws, noise_mode=mode, noise=noise, fast=not shared, channels_last=shared)
+            vis, nir = renderer.render(z, c, noise)
         return images_to_uint8(vis), None if nir is None else images_to_uint8(nir)
 
-    def _noise(self, latent_keys: np.ndarray) -> dict[str, torch.Tensor]:
-        # Per-sample noise from its own key, so 'random' noise is still independent of the batch.
+    def _noise(self, latent_keys: np.ndarray) -> dict[str, torch.Tensor] | None:
+        """The renderer's per-sample noise inputs, each drawn from the sample's own key, so a sample's
+        noise never depends on the batch it is computed in; None when the renderer takes none."""
         noise = {}
-        for layer_number, (layer, (h, w)) in enumerate(self.generator.synthesis.noise_shapes().items()):
+        for layer_number, (layer, (h, w)) in enumerate(self.renderer.noise_shapes().items()):
             # The latent key already encodes (job seed, slot, attempt); the layer number separates layers.
             keys = draw_keys(0, Stream.NOISE, latent_keys, layer_number)
             values = normal(keys, h * w).reshape(len(latent_keys), 1, h, w)
             noise[layer] = torch.from_numpy(values).to(self.device)
-        return noise
+        return noise or None
 
     def evaluate(self, conditions: np.ndarray, latent_keys: np.ndarray) -> Candidates:
         """Render, embed and privacy-query candidates in batches of `batch_size`."""
@@ -133,15 +140,14 @@ def _concat(parts: list[Candidates]) -> Candidates:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
+def generator_settings(spec: JobSpec) -> dict:
+    """The job's settings for the generator family (how it samples); the path and the autocast dtype
+    are the engine's."""
+    return spec.generator.model_dump(exclude={"path", "dtype"})
 
 
-def check_generator(generator: Generator, embedder: FaceEmbedder) -> None:
+def check_generator(generator: ImageGenerator, embedder: FaceEmbedder) -> None:
+    """The generator's identity conditions must be this embedder's features."""
     if generator.c_dim and generator.c_dim != embedder.dim:
         raise UserError(
             f"generator c_dim {generator.c_dim} != embedder width {embedder.dim}: the generator is "
@@ -149,7 +155,7 @@ def check_generator(generator: Generator, embedder: FaceEmbedder) -> None:
         )
 
 
-def check_compatible(generator: Generator, embedder: FaceEmbedder, index: PrivacyIndex) -> None:
+def check_compatible(generator: ImageGenerator, embedder: FaceEmbedder, index: Index) -> None:
     """Refuse, before any work, model combinations that cannot produce a certified dataset."""
     check_generator(generator, embedder)
     index.check_compatible(embedder)

@@ -1,5 +1,6 @@
 """`identity_features.json` of a training dataset: the original's create_training_identity_features.py,
-batched, with the pairing and output-path defects fixed (SPEC §1.4).
+batched, with two defects fixed: VIS and NIR are paired by file name (the original pairs by sorted
+index), and the output lands at DATA/identity_features.json whatever the path's trailing slash.
 
 Layout: `DATA/VIS/{identity}_{sample}.{jpg,png}` and `DATA/NIR/` with the same file names. The output,
 `DATA/identity_features.json`, maps each VIS file name (natural-sort order) to the RAW, un-normalised

@@ -1,9 +1,11 @@
-"""Running a generation job: the units every executor schedules, and the local (in-process) executor.
+"""The units of a generation job, the same for every executor; executors only schedule them.
 
-Units: `open_job` (models, index and thresholds checked, then the spec written), `load_bundle` (models + index, every
-compatibility check before any work), `select_identities` (phases 1+2, persisted), `run_shard`
-(phase 3 for one shard: expand, then write tar -> manifest -> marker), `finalize` (report). The Ray
-executor calls the same functions from actors; only the scheduling differs.
+`open_job` (output checked, models and index loaded and checked, thresholds resolved, then the spec
+written), `enrol_compat_index` (the original's identity_features.json enrolled once into the
+dataset), `load_bundle` (models + index, every compatibility check before any work),
+`select_identities` (phases 1+2 from proposal blocks, persisted), `run_shard` (phase 3 for one
+shard: expand, then write shard -> manifest -> marker) and `pending_shards` (what a run or a resume
+still has to write). `engine.local` runs them in this process; `cluster.executor` on Ray actors.
 """
 
 from __future__ import annotations
@@ -17,20 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from facegen.engine.bundle import Bundle, check_compatible, check_generator, resolve_device
+from facegen.engine.bundle import Bundle, check_compatible, check_generator
 from facegen.engine.dataset.formats import shard_writer
-from facegen.engine.dataset.manifest import completed_shards, is_complete, remove_incomplete
+from facegen.engine.dataset.manifest import is_complete, remove_incomplete
 from facegen.engine.dataset.samples import ShardBatch, sample_key
 from facegen.engine.expand import expand_shard
 from facegen.engine.identities import IDENTITIES_FILE, read_identities, write_identities
 from facegen.engine.index.compat import check_embedder
 from facegen.engine.index.search import PrivacyIndex
-from facegen.engine.phases import Identities, Proposals, Selection, propose
+from facegen.engine.phases import Identities, Proposals, Selection
 from facegen.engine.private import write_nearest
 from facegen.engine.progress import progress_bar
 from facegen.engine.quality import make_quality_gate
 from facegen.engine.spec import JobSpec, build_spec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
 from facegen.engine.storage import Storage
+from facegen.models.devices import resolve_device
 from facegen.models.errors import JobFailed, UserError
 
 log = logging.getLogger("facegen")
@@ -183,34 +186,58 @@ def load_bundle(spec: JobSpec, out: Storage | None = None, models: tuple | None 
         embedder = load_embedder(spec.embedder.path, **spec.embedder.preprocessing).to(device)
     else:
         generator, embedder = models
-    index = open_index(spec, embedder, out)
-    check_compatible(generator, embedder, index)
+    enrol_compat_index(spec, out, embedder)
+    index = open_job_index(spec, out, device.type)
     limits = spec.filter
     gate = make_quality_gate(limits.quality_gate, limits.face_detector, limits.min_face_score)
-    return Bundle(generator, embedder, index, device, spec, gate)
+    bundle = Bundle(generator, embedder, index, device, spec, gate)
+    check_compatible(bundle.renderer, embedder, index)
+    return bundle
 
 
-def open_index(spec: JobSpec, embedder: Any, out: Storage | None) -> PrivacyIndex:
-    options = dict(backend=spec.index.backend, device=resolve_device(spec.run.device).type)
+def open_job_index(spec: JobSpec, out: Storage | None, device: str = "cpu") -> PrivacyIndex:
+    """The job's privacy index: `index.uri`, or the compat index enrolled into the dataset. Opening
+    reads index.json only; vectors load where the index is first searched."""
+    options = dict(backend=spec.index.backend, device=device)
     if spec.index.uri:
         return PrivacyIndex.open(spec.index.uri, spec.index.storage_options, **options)
-    # Compat: the original's identity_features.json, enrolled once into the dataset's own folder and
-    # calibrated right away (the original ships no thresholds for its own recogniser).
+    return PrivacyIndex.open(_compat_index_location(out), **options)
+
+
+def enrol_compat_index(spec: JobSpec, out: Storage | None, embedder: Any = None) -> None:
+    """Enrol `index.features` (the original's identity_features.json) into the dataset's own folder
+    and calibrate it (the original ships no thresholds for its own recogniser), once; a no-op for
+    `index.uri` jobs and when it is already there. It records `embedder`'s fingerprints (the job's
+    embedder, loaded here on the CPU when not given), so later checks refuse another embedder.
+    Call it where only one process runs it: several processes would race to write the same index."""
+    if not compat_index_pending(spec, out):
+        return
     from facegen.engine.index.build import build_index
     from facegen.engine.index.calibrate import DEFAULT_FMRS, calibrate
     from facegen.engine.index.sources import embeddings_from_identity_features
 
+    if embedder is None:
+        from facegen.models.loading import load_embedder
+
+        embedder = load_embedder(spec.embedder.path, **spec.embedder.preprocessing)
+    target = _compat_index_location(out)
+    source = embeddings_from_identity_features(spec.index.features)
+    build_index(source.embeddings, source.identities, source.files, target,
+                embedder_fingerprint=embedder.fingerprint, preprocessing=embedder.preprocessing.to_dict(),
+                embedder_weights=embedder.weights_fingerprint,
+                source=f"identity_features.json: {spec.index.features}")
+    calibrate(PrivacyIndex.open(target, backend="numpy"), sorted({*DEFAULT_FMRS, spec.privacy.fmr}, reverse=True))
+
+
+def compat_index_pending(spec: JobSpec, out: Storage | None) -> bool:
+    """True when the job reads `index.features` and its enrolled index is not in the dataset yet."""
+    return not spec.index.uri and not _compat_index_location(out).exists("index.json")
+
+
+def _compat_index_location(out: Storage | None) -> Storage:
     if out is None:
         raise UserError("index.features needs an output location to hold the enrolled index")
-    target = out.child(COMPAT_INDEX_DIR)
-    if not target.exists("index.json"):
-        source = embeddings_from_identity_features(spec.index.features)
-        build_index(source.embeddings, source.identities, source.files, target,
-                    embedder_fingerprint=embedder.fingerprint, preprocessing=embedder.preprocessing.to_dict(),
-                    embedder_weights=embedder.weights_fingerprint,
-                    source=f"identity_features.json: {spec.index.features}")
-        calibrate(PrivacyIndex.open(target, backend="numpy"), sorted({*DEFAULT_FMRS, spec.privacy.fmr}, reverse=True))
-    return PrivacyIndex.open(target, **options)
+    return out.child(COMPAT_INDEX_DIR)
 
 
 def proposal_blocks(spec: JobSpec):
@@ -251,10 +278,6 @@ def select_identities(spec: JobSpec, out: Storage, propose_many: ProposeMany,
     return identities, stats
 
 
-def local_proposer(bundle: Bundle) -> ProposeMany:
-    return lambda blocks: (propose(bundle, block) for block in blocks)
-
-
 def selection_stats(selection: Selection, spec: JobSpec) -> dict:
     if selection.accepted < spec.identities:
         log.warning("only %d of %d identities passed within filter.max_slots=%d proposals",
@@ -268,12 +291,14 @@ def shard_labels(spec: JobSpec, num_identities: int, shard_id: int) -> np.ndarra
     return np.arange(shard_id * per, min((shard_id + 1) * per, num_identities), dtype=np.int64)
 
 
-def num_shards(spec: JobSpec, num_identities: int) -> int:
+def shards_for(spec: JobSpec, num_identities: int) -> int:
+    """Shards that hold `num_identities` selected identities (`JobSpec.num_shards` is the plan for the
+    wanted count; fewer may pass selection)."""
     return -(-num_identities // spec.identities_per_shard)
 
 
 def run_shard(bundle: Bundle, identities: Identities, out: Storage, shard_id: int) -> dict:
-    """Phase 3 for one shard; returns its marker. Writing is tar, then manifest, then marker."""
+    """Phase 3 for one shard; returns its marker. Writing is shard file, then manifest, then marker."""
     spec = bundle.spec
     expanded = expand_shard(bundle, identities, shard_labels(spec, len(identities), shard_id))
     expanded.stats["certificate"] = certificate(spec, bundle.embedder, bundle.index,
@@ -310,23 +335,7 @@ def certificate(spec: JobSpec, embedder: Any, index: Any, *, nir_written: bool) 
 
 
 def pending_shards(spec: JobSpec, out: Storage, num_identities: int) -> list[int]:
+    """Shards still to write; removes what an interrupted run left without a marker first (call it
+    only while no writer runs on this dataset)."""
     remove_incomplete(out)
-    return [s for s in range(num_shards(spec, num_identities)) if not is_complete(out, s)]
-
-
-def run_local(spec: JobSpec, resume: bool = False, progress: bool = True) -> dict:
-    """The whole job in this process (the local executor)."""
-    spec, out, bundle = open_job(spec, resume)
-    identities, selection = select_identities(spec, out, local_proposer(bundle), progress)
-    todo = pending_shards(spec, out, len(identities))
-    with progress_bar(len(todo), "shards", "shard", progress) as bar:
-        for shard_id in todo:
-            run_shard(bundle, identities, out, shard_id)
-            bar.update(1)
-    from facegen.engine.summary import finalize
-
-    return finalize(spec, out, identities, selection, bundle.index)
-
-
-def shard_markers(out: Storage) -> dict[int, dict]:
-    return completed_shards(out)
+    return [s for s in range(shards_for(spec, num_identities)) if not is_complete(out, s)]

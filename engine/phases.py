@@ -1,4 +1,4 @@
-"""The three generation phases (DESIGN "Generation"): propose, select, expand.
+"""The three generation phases: propose (an anchor per identity slot), select, expand (the samples).
 
 Each is a function of the job spec, the loaded models and plain arrays; the local and the Ray
 executors only decide where and in which order they run. Decisions never depend on batch sizes:

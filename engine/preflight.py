@@ -43,16 +43,18 @@ def check_output(spec: JobSpec, resume: bool) -> str:
 
 def preflight(spec: JobSpec, resume: bool = False) -> list[str]:
     """Open and cross-check every input; return one line per input describing what was found."""
-    from facegen.engine.bundle import check_compatible, resolve_device
-    from facegen.engine.index.search import PrivacyIndex
+    from facegen.engine.bundle import check_compatible, generator_settings
+    from facegen.engine.job import open_job_index, resolve_job
     from facegen.engine.quality import make_quality_gate
-    from facegen.engine.run import resolve_job
+    from facegen.models.devices import resolve_device
     from facegen.models.loading import detect_format
+    from facegen.models.rendering import open_generator
 
     device = resolve_device(spec.run.device)
     # The run's own resolution: embedder preprocessing (index / graph / given) and the threshold
     # ('auto' refused here exactly as the run would refuse it).
     spec, (generator, embedder) = resolve_job(spec)
+    renderer = open_generator(generator, generator_settings(spec))  # the family checks its settings
     calibration = spec.privacy.calibration
     lines = [
         f"generator {spec.generator.path}: {detect_format(spec.generator.path)}, {generator.img_resolution} px, "
@@ -65,9 +67,8 @@ def preflight(spec: JobSpec, resume: bool = False) -> list[str]:
         + f"), certifies VIS{' and NIR' if spec.privacy.check_nir and generator.nir_channels else ''}",
     ]
     if spec.index.uri:
-        index = PrivacyIndex.open(spec.index.uri, spec.index.storage_options, backend=spec.index.backend,
-                                  device=device.type)
-        check_compatible(generator, embedder, index)
+        index = open_job_index(spec, None, device.type)
+        check_compatible(renderer, embedder, index)
         lines.append(f"index     {spec.index.uri}: {index.count} embeddings, dim {index.dim}, built with this embedder")
     else:
         from facegen.engine.index.sources import embeddings_from_identity_features

@@ -1,6 +1,7 @@
 """Quality gates: which rendered faces are good enough to keep (pluggable, chosen by name).
 
-The default is no gate. `frontal` is the original's face check (SPEC §4), with a real landmark
+The default is no gate. `frontal` is ArcBiFaceGAN's face check (generate_recognition_data.py:
+`|dl + dr| < (|dl| + |dr|) / 3` on the eyes' x offsets from the nose), with a real landmark
 detector: OpenCV's YuNet (`cv2.FaceDetectorYN`, the optional `quality` extra) finds faces and five
 landmarks; a candidate passes when exactly one face scores at least `filter.min_face_score` (the
 original's "more than one face" test could never fire; this one can) and its eyes and nose pass

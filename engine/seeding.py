@@ -1,6 +1,7 @@
 """Counter-based random numbers: every draw is a pure function of (job seed, stream, slot, attempt).
 
-An image must never depend on batch composition, worker count or retries (DESIGN "Generation"), so no
+An image must never depend on batch composition, worker count or retries (so that every executor
+and every resume writes the same bytes), so no
 draw may come from a stateful generator shared by a batch. Instead each value is a hash of its
 coordinates: SplitMix64 over a 64-bit key, vectorised in numpy (uint64 arithmetic wraps modulo 2^64,
 which is exactly what the hash needs). Normals come from Box-Muller in float64, then float32. The

@@ -106,7 +106,7 @@ class PrivacySpec(_Section):
 
     @property
     def value(self) -> float:
-        """The numeric privacy threshold (after `engine.run.resolve_job`)."""
+        """The numeric privacy threshold (after `engine.job.resolve_job`)."""
         if self.threshold == "auto":
             raise UserError("privacy.threshold 'auto' has not been resolved against the index yet")
         return float(self.threshold)
@@ -140,6 +140,9 @@ class OutputSpec(_Section):
     contact_sheets: int = Field(16, ge=0, description="identities shown in report.html")
 
 
+IndexPlacement = Literal["auto", "replicated", "sharded"]
+
+
 class RunSpec(_Section):
     """How to run; never changes results, so it is left out of the spec hash."""
 
@@ -148,7 +151,7 @@ class RunSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int | None = Field(None, ge=1)
     max_retries: int = Field(3, ge=0)
-    index_placement: Literal["auto", "replicated", "sharded"] = Field(
+    index_placement: IndexPlacement = Field(
         "auto", description="privacy index: a replica in every generator actor, or index-shard actors")
     index_actors: int | None = Field(None, ge=1, description="index-shard actors (default: one per index shard)")
 

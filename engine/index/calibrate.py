@@ -21,7 +21,8 @@ import numpy as np
 from facegen.engine.index.store import read_info, write_info
 from facegen.models.errors import UserError
 
-# ArcBiFaceGAN's hard-coded cosine thresholds for its ArcFace model (SPEC §4): privacy 0.776 - 2*0.077
+# ArcBiFaceGAN's hard-coded cosine thresholds for its ArcFace model (generate_recognition_data.py),
+# from a typical same-identity cosine of 0.776 ± 0.077: privacy 0.776 - 2*0.077
 # (a sample must stay at or below it against every real identity), diversity 0.776 + 0.077.
 DEFAULT_COMPAT_THRESHOLDS = {"privacy": 0.622, "diversity": 0.853}
 DEFAULT_FMRS = (1e-3, 1e-4)

@@ -3,7 +3,7 @@ image folders embedded here. Each returns an `EmbeddingSource` (raw, not yet nor
 with identity and file labels, plus every input it skipped and why).
 
 Identity labels are strings: the part of the file name before the first '_' (`{identity}_{sample}.ext`,
-SPEC §1.4). File labels are paths relative to the source (the JSON key, or `VIS/0001_03.png`).
+ArcBiFaceGAN's training-set naming). File labels are paths relative to the source (the JSON key, or `VIS/0001_03.png`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _read_bytes(path: str, storage_options: dict | None) -> bytes:
 
 # ------------------------------------------------------------------------ identity_features.json
 def embeddings_from_identity_features(path: str, storage_options: dict | None = None) -> EmbeddingSource:
-    """The original's `identity_features.json`: {"<VIS file name>": [floats], ...} (SPEC §1.4)."""
+    """The original's `identity_features.json`: {"<VIS file name>": [floats], ...} (raw features, natural order)."""
     try:
         data = json.loads(_read_bytes(path, storage_options))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

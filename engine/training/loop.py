@@ -1,4 +1,5 @@
-"""The ArcBiFaceGAN training loop (SPEC §3) as a plain function of a `TrainContext`.
+"""The ArcBiFaceGAN training loop (StyleGAN2-ADA's training_loop.py with a NIR D) as a plain function
+of a `TrainContext`.
 
 `train(spec, ctx, run_uri)` runs on every rank. Each step: the phases Gmain, Greg (every
 `g_reg_interval`), Dmain and Dreg (every `d_reg_interval`) — the D phases update the VIS D and the NIR

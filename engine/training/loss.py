@@ -1,4 +1,4 @@
-"""ArcBiFaceGAN losses (SPEC §3): StyleGAN2-ADA's non-saturating loss, extended to a VIS+NIR pair.
+"""ArcBiFaceGAN losses: StyleGAN2-ADA's non-saturating loss (training/loss.py), extended to a VIS+NIR pair.
 
     L_G    = softplus(-D(G_vis, c)) + λ_NIR · softplus(-D_NIR(G_nir))
     L_D    = softplus(D(fake)) + softplus(-D(real))                      (VIS D, conditional)

@@ -1,4 +1,4 @@
-"""The run directory, laid out like StyleGAN2-ADA's (SPEC §3), on any storage:
+"""The run directory, laid out like StyleGAN2-ADA's (train.py), on any storage:
 
     <outdir>/NNNNN-<desc>/
         training_options.json   the resolved spec and hyperparameters

@@ -1,5 +1,6 @@
 """Where a training run starts from: fresh networks, a restart checkpoint, a `--resume` snapshot or an
-original `.pkl`; and the optimisers (Adam with lazy-regularisation scaling, SPEC §3).
+original `.pkl`; and the optimisers (Adam with lazy-regularisation scaling, as StyleGAN2-ADA's
+training_loop.py: lr and betas scaled by interval / (interval + 1)).
 
 Our own snapshots restore everything (G, G_ema, D, D_NIR, optimisers, kimg, ADA, RNG); an original
 StyleGAN2-ADA/ArcBiFaceGAN `.pkl` holds only networks and the ADA p, so it restarts the kimg count

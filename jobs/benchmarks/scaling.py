@@ -74,7 +74,7 @@ def measure(spec, out, workers: int, slots: int, threads: int | None = None) -> 
 
     from facegen.cluster.actors import GeneratorPool, RemoteGeneratorWorker, plan_workers
     from facegen.cluster.executor import IN_FLIGHT_PER_ACTOR, ProposeMany
-    from facegen.engine.run import proposal_blocks
+    from facegen.engine.job import proposal_blocks
 
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"num_workers": workers})})
     plan = plan_workers(spec, ray.cluster_resources())

@@ -501,7 +501,8 @@ class Suite:
                 "note": "VIS RGB + NIR gray pair per image, PNG compress_level 1 (the shard encoder's)"}
 
     def end_to_end(self, deadline: Deadline) -> dict:
-        from facegen.engine.run import load_bundle, run_local
+        from facegen.engine.job import load_bundle
+        from facegen.engine.local import run_local
         from facegen.engine.spec import build_spec
         from facegen.jobs.demo import prepare_demo
 

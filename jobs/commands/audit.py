@@ -76,12 +76,12 @@ def storage_errors(where: str) -> Iterator[None]:
 
 def _planned_shards(dataset, spec) -> int | None:
     from facegen.engine.identities import IDENTITIES_FILE, read_identities
-    from facegen.engine.run import num_shards
+    from facegen.engine.job import shards_for
 
     if spec is None or not dataset.exists(IDENTITIES_FILE):
         return None
     identities, _ = read_identities(dataset)
-    return num_shards(spec, len(identities))
+    return shards_for(spec, len(identities))
 
 
 def _threshold(args, spec, index) -> tuple[float, str]:

@@ -141,14 +141,14 @@ def interrupted(spec: JobSpec) -> str:
     """One line for Ctrl-C / SIGTERM: how far the job got, from what is on storage."""
     from facegen.engine.dataset.manifest import completed_shards
     from facegen.engine.identities import IDENTITIES_FILE, read_identities
-    from facegen.engine.run import num_shards
+    from facegen.engine.job import shards_for
     from facegen.engine.storage import Storage
 
     try:
         out = Storage(spec.output.uri, spec.output.storage_options)
         if not out.exists(IDENTITIES_FILE):
             return "interrupted while selecting identities, before any shard; rerun with --resume"
-        total = num_shards(spec, len(read_identities(out)[0]))
+        total = shards_for(spec, len(read_identities(out)[0]))
         return f"interrupted after {len(completed_shards(out))} of {total} shards; rerun with --resume"
     except Exception:  # noqa: BLE001 - the message must not turn an interrupt into a traceback
         return "interrupted; rerun with --resume"
@@ -175,6 +175,6 @@ def execute(spec: JobSpec, resume: bool) -> dict:
             raise UserError("run.executor: the Ray executor is not available in this build; "
                             "use --executor local") from err
         return run_ray(spec, resume=resume, progress=progress)
-    from facegen.engine.run import run_local
+    from facegen.engine.local import run_local
 
     return run_local(spec, resume=resume, progress=progress)

@@ -19,7 +19,7 @@ def tiny_job(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def reference(tiny_job) -> Path:
     """The local executor's output for the tiny job: what every Ray run must equal byte for byte."""
-    from facegen.engine.run import run_local
+    from facegen.engine.local import run_local
     from facegen.engine.spec import build_spec, load_spec_file
 
     run_local(build_spec(load_spec_file(tiny_job)), progress=False)

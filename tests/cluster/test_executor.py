@@ -55,8 +55,8 @@ class Killer:
 @pytest.mark.slow
 def test_sharded_index_and_killed_generators_give_the_local_bytes(ray_session, tiny_job, reference, tmp_path):
     killer = Killer()
-    report = run_ray(spec_for(tiny_job, tmp_path / "ray"), progress=False, index_placement="sharded",
-                     index_actors=2, on_event=killer)
+    spec = spec_for(tiny_job, tmp_path / "ray", "run.index_placement=sharded", "run.index_actors=2")
+    report = run_ray(spec, progress=False, on_event=killer)
     assert [phase for phase, _ in killer.killed] == ["select", "expand"]
     executor = report.pop("executor")
     assert executor["index_placement"] == "sharded" and executor["index_actors"] == 2

@@ -16,7 +16,7 @@ from tests.engine.tiny import write_tiny_job
 RUN = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from facegen.engine.run import run_local
+from facegen.engine.local import run_local
 from facegen.engine.spec import build_spec, load_spec_file
 from facegen.models.loading import load_generator
 spec = build_spec(load_spec_file(sys.argv[2]), ["output.uri=" + sys.argv[3]])
