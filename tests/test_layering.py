@@ -89,6 +89,14 @@ def test_subpackage_imports_only_what_its_contract_allows(folder):
     assert {f: bad for f, bad in offenders.items() if bad} == {}
 
 
+def test_commands_do_not_import_each_other():
+    # Shared CLI helpers live in facegen.jobs.common; a command module is only ever loaded by the CLI.
+    commands = "facegen.jobs.commands"
+    offenders = {str(f.relative_to(ROOT)): sorted(m for m in facegen_modules(f) if m.startswith(commands))
+                 for f in sorted((ROOT / "jobs" / "commands").rglob("*.py"))}
+    assert {f: bad for f, bad in offenders.items() if bad} == {}
+
+
 def test_no_import_cycle_between_modules():
     """Module-level imports inside facegen form a DAG (imports inside functions are lazy and exempt)."""
     graph: dict[str, set[str]] = {}

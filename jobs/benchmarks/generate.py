@@ -4,8 +4,9 @@ A *candidate* is one proposed face: render, embed, certify against every enrolle
 Both sides run the same random-initialised models of the same size in the same process:
   - facegen: `Bundle.evaluate` (batched fast-path generator, batched embedder, one FAISS query
     per batch, every step on the device);
-  - original-style baseline (SPEC §4): generator at batch 1 (reference convolutions), embedder at
-    batch 1, then a Python loop over every enrolled identity with one torch cosine each.
+  - original-style baseline (ArcBiFaceGAN's generate_recognition_data.py): generator at batch 1
+    (reference convolutions), embedder at batch 1, then a Python loop over every enrolled identity
+    with one torch cosine each.
 The baseline is timed on a few candidates (its privacy loop at 10^5 identities takes seconds per
 candidate) and reported per candidate, so the ratio compares like with like.
 """

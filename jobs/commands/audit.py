@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Iterator
 
+from facegen.jobs.common import add_storage_option
 from facegen.models.errors import UserError
 
 EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_INCOMPLETE = 0, 1, 3
@@ -54,8 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="add each sample's nearest real identity to --out (information about real people: keep "
                         "it private)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec option for the dataset, index and --out (repeatable; dotted keys nest)")
+    add_storage_option(p, "the dataset, the index and --out")
     p.set_defaults(func=run)
 
 
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from facegen.engine.index.search import PrivacyIndex
     from facegen.engine.spec import load_spec_yaml_text
     from facegen.engine.storage import Storage
-    from facegen.jobs.commands.index import parse_storage_options
+    from facegen.jobs.common import parse_storage_options
     from facegen.jobs.embedder_options import preprocessing_flags, print_notes
 
     options = parse_storage_options(args.storage_option)

@@ -6,7 +6,7 @@ import argparse
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from facegen.jobs.commands.models import describe, print_summary
+    from facegen.jobs.common import describe_module, print_info
     from facegen.models.checkpoint import save_native
     from facegen.models.loading import detect_format, load_module
 
@@ -14,8 +14,8 @@ def run_convert(args: argparse.Namespace) -> int:
     module = load_module(args.src, what=args.what)
     path = save_native(module, args.dst)
     entry = {"entry": args.what} if fmt == "stylegan_pickle" else {}
-    print_summary({"source": str(args.src), "format": fmt, **entry, "path": str(path), **describe(module)},
-                  args.json)
+    print_info({"source": str(args.src), "format": fmt, **entry, "path": str(path), **describe_module(module)},
+               args.json)
     return 0
 
 

@@ -21,10 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from facegen.jobs.commands.generate import execute, print_summary
+    from facegen.jobs.common import execute_job, print_job_summary
     from facegen.jobs.demo import prepare_demo
 
     spec = prepare_demo(args.out)
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"executor": args.executor})})
-    report = execute(spec, resume=True)
-    return print_summary(spec, report)
+    report = execute_job(spec, resume=True)
+    return print_job_summary(spec, report)

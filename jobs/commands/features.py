@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from facegen.jobs.commands.index import parse_storage_options
+from facegen.jobs.common import add_storage_option, parse_storage_options
 from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
 
 # engine.features (torch) loads when the command runs; tests/jobs/test_cli_start.py checks these copies.
@@ -33,8 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"require NIR/ and also write DATA/{NIR_FEATURES_FILE} from the NIR images")
     parser.add_argument("--device", default="cpu", help="embedder device (cpu, cuda, cuda:1)")
     parser.add_argument("--workers", type=int, default=4, help="image decoding threads (default 4)")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec option for DATA (repeatable; dotted keys nest)")
+    add_storage_option(parser, "DATA")
     parser.set_defaults(func=run_features)
 
 

@@ -8,8 +8,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from facegen.jobs.common import execute_job, print_job_summary
 from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags
-from facegen.models.errors import UserError
 
 if TYPE_CHECKING:  # the spec module (pydantic) loads when a command runs, not when the CLI starts
     from facegen.engine.spec import JobSpec
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
               f"proposals; executor {spec.run.executor}; output {spec.output.uri}")
         return 0
     try:
-        report = execute(spec, args.resume)
+        report = execute_job(spec, args.resume)
     except KeyboardInterrupt:
         print(f"facegen: {interrupted(spec)}", file=sys.stderr)
         return 130
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"facegen: {interrupted(spec)}", file=sys.stderr)
         return 130
-    return print_summary(spec, report)
+    return print_job_summary(spec, report)
 
 
 def interrupted(spec: JobSpec) -> str:
@@ -152,29 +152,3 @@ def interrupted(spec: JobSpec) -> str:
         return f"interrupted after {len(completed_shards(out))} of {total} shards; rerun with --resume"
     except Exception:  # noqa: BLE001 - the message must not turn an interrupt into a traceback
         return "interrupted; rerun with --resume"
-
-
-
-def print_summary(spec: JobSpec, report: dict) -> int:
-    cert = report["privacy_certificate"]
-    print(f"wrote {report['samples']['written']} samples of {report['identities']['accepted']} identities "
-          f"in {report['shards']['count']} shards to {spec.output.uri}")
-    from facegen.engine.report import certificate_headline
-
-    print(f"privacy: {certificate_headline(cert)[1]}; max real similarity {cert['max_real_similarity']}, "
-          f"violations {cert['violations']}; report: {spec.output.uri.rstrip('/')}/report.html")
-    return 0 if cert["violations"] == 0 else 1
-
-
-def execute(spec: JobSpec, resume: bool) -> dict:
-    progress = True  # a bar on a terminal, throttled lines elsewhere (engine.progress)
-    if spec.run.executor == "ray":
-        try:
-            from facegen.cluster.executor import run_ray
-        except ModuleNotFoundError as err:
-            raise UserError("run.executor: the Ray executor is not available in this build; "
-                            "use --executor local") from err
-        return run_ray(spec, resume=resume, progress=progress)
-    from facegen.engine.local import run_local
-
-    return run_local(spec, resume=resume, progress=progress)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from facegen.jobs.common import add_storage_option, parse_storage_options
 from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
 from facegen.models.errors import UserError
 
@@ -21,33 +22,6 @@ BACKENDS = ("auto", "faiss", "torch", "numpy")
 DEFAULT_FMRS = (1e-3, 1e-4)
 
 SHOW_SKIPPED = 10  # skipped files listed by name; the rest are counted
-
-
-def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs -> fsspec storage options. Dotted keys nest (`client_kwargs.endpoint_url=…`);
-    values are parsed as JSON when they can be (numbers, booleans, objects), else kept as strings."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--storage-option: {pair!r} is not KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *parents, leaf = key.split(".")
-        target = options
-        for parent in parents:
-            target = target.setdefault(parent, {})
-            if not isinstance(target, dict):
-                raise UserError(f"--storage-option: {key!r} conflicts with an earlier non-nested value")
-        target[leaf] = value
-    return options
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec option for every URI (repeatable; dotted keys nest)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--drop-invalid", action="store_true",
                        help="drop non-finite/zero embeddings (counted in index.json) instead of refusing")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index")
-    _add_common(build)
+    add_storage_option(build)
     build.set_defaults(func=run_build)
 
     cal = sub.add_parser("calibrate", help="set decision thresholds at target false-match rates")
@@ -93,13 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--max-impostor-pairs", type=int, default=20_000_000)
     cal.add_argument("--max-genuine-pairs", type=int, default=5_000_000)
     cal.add_argument("--seed", type=int, default=0)
-    _add_common(cal)
+    add_storage_option(cal)
     cal.set_defaults(func=run_calibrate)
 
     info = sub.add_parser("info", help="print an index's description")
     info.add_argument("uri")
     info.add_argument("--json", action="store_true", help="print index.json as is")
-    _add_common(info)
+    add_storage_option(info)
     info.set_defaults(func=run_info)
 
     query = sub.add_parser("query", help="nearest enrolled images of query embeddings or images")
@@ -113,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query.add_argument("--backend", choices=BACKENDS, default="auto")
     query.add_argument("--device", default="cpu")
     query.add_argument("--json", action="store_true", help="one JSON object per line")
-    _add_common(query)
+    add_storage_option(query)
     query.set_defaults(func=run_query)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from facegen.jobs.common import describe_module, print_info
 from facegen.models.errors import UserError
 
 # models.checkpoint (torch) loads when a command runs; tests/jobs/test_cli_start.py checks this copy of
@@ -64,31 +65,6 @@ def config_from_sets(family: str, sets: list[str]) -> Any:
         raise UserError(f"{family}: {err}") from None
 
 
-def describe(module: Any) -> dict[str, Any]:
-    """Family, config, exact parameter count and content fingerprint of a registered torch module."""
-    from facegen.models.checkpoint import family_of, fingerprint_module
-
-    return {
-        "family": family_of(module),
-        "config": module.config.to_dict(),
-        "parameters": sum(p.numel() for p in module.parameters()),
-        "fingerprint": fingerprint_module(module),
-    }
-
-
-def print_summary(info: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(info, sort_keys=True))
-        return
-    for key, value in info.items():
-        if key == "config":
-            print("config:")
-            for name, v in value.items():
-                print(f"  {name}: {json.dumps(v)}")
-        else:
-            print(f"{key}: {value}")
-
-
 def run_init(args: argparse.Namespace) -> int:
     import torch
 
@@ -100,7 +76,7 @@ def run_init(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         module = module_cls(config)
     path = save_native(module.eval(), args.out, family=args.family)
-    print_summary({"path": str(path), **describe(module)}, args.json)
+    print_info({"path": str(path), **describe_module(module)}, args.json)
     return 0
 
 
@@ -124,11 +100,11 @@ def run_info(args: argparse.Namespace) -> int:
     path = Path(args.path)
     fmt = detect_format(path)
     if fmt == "onnx":
-        print_summary({"path": str(path), **_onnx_info(path)}, args.json)
+        print_info({"path": str(path), **_onnx_info(path)}, args.json)
         return 0
     module = load_module(path, what=args.what)
     entry = {"entry": args.what} if fmt == "stylegan_pickle" else {}
-    print_summary({"path": str(path), "format": fmt, **entry, **describe(module)}, args.json)
+    print_info({"path": str(path), "format": fmt, **entry, **describe_module(module)}, args.json)
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from facegen.jobs.cli import main
-from facegen.jobs.commands.index import parse_storage_options
+from facegen.jobs.common import parse_storage_options
 from facegen.models.checkpoint import save_native
 from facegen.models.iresnet import IResNet, IResNetConfig
 from facegen.models.loading import load_embedder

@@ -1,0 +1,102 @@
+"""Helpers several commands share, so that no command imports another command's module.
+
+Storage options (`--storage-option KEY=VALUE`, parsed one way everywhere), running a generation job
+on the executor its spec names, and printing its outcome or a model's description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from facegen.models.errors import UserError
+
+if TYPE_CHECKING:  # torch and the spec (pydantic) load when a command runs, not when the CLI starts
+    import torch
+
+    from facegen.engine.spec import JobSpec
+
+
+# -- storage options ---------------------------------------------------------------------------------
+def add_storage_option(parser: argparse.ArgumentParser, what: str = "every URI") -> None:
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"fsspec option for {what} (repeatable; dotted keys nest, values are JSON "
+                             "when they parse, e.g. client_kwargs.endpoint_url=http://host:9000 anon=true)")
+
+
+def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs -> fsspec storage options. Dotted keys nest (`client_kwargs.endpoint_url=…`);
+    values are parsed as JSON when they can be (numbers, booleans, objects), else kept as strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--storage-option: {pair!r} is not KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise UserError(f"--storage-option: {key!r} conflicts with an earlier non-nested value")
+        target[leaf] = value
+    return options
+
+
+# -- generation jobs ---------------------------------------------------------------------------------
+def execute_job(spec: JobSpec, resume: bool) -> dict:
+    """Run a job on the executor `run.executor` names; returns its report."""
+    progress = True  # a bar on a terminal, throttled lines elsewhere (engine.progress)
+    if spec.run.executor == "ray":
+        try:
+            from facegen.cluster.executor import run_ray
+        except ModuleNotFoundError as err:
+            raise UserError("run.executor: the Ray executor is not available in this build; "
+                            "use --executor local") from err
+        return run_ray(spec, resume=resume, progress=progress)
+    from facegen.engine.local import run_local
+
+    return run_local(spec, resume=resume, progress=progress)
+
+
+def print_job_summary(spec: JobSpec, report: dict) -> int:
+    """Two lines about a finished job; the exit code is 1 if any sample violates the threshold."""
+    cert = report["privacy_certificate"]
+    print(f"wrote {report['samples']['written']} samples of {report['identities']['accepted']} identities "
+          f"in {report['shards']['count']} shards to {spec.output.uri}")
+    from facegen.engine.report import certificate_headline
+
+    print(f"privacy: {certificate_headline(cert)[1]}; max real similarity {cert['max_real_similarity']}, "
+          f"violations {cert['violations']}; report: {spec.output.uri.rstrip('/')}/report.html")
+    return 0 if cert["violations"] == 0 else 1
+
+
+# -- models ------------------------------------------------------------------------------------------
+def describe_module(module: torch.nn.Module) -> dict[str, Any]:
+    """Family, config, exact parameter count and content fingerprint of a registered module."""
+    from facegen.models.checkpoint import family_of, fingerprint_module
+
+    return {
+        "family": family_of(module),
+        "config": module.config.to_dict(),
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "fingerprint": fingerprint_module(module),
+    }
+
+
+def print_info(info: dict[str, Any], as_json: bool) -> None:
+    """A model description as one JSON object, or as `key: value` lines (the config indented)."""
+    if as_json:
+        print(json.dumps(info, sort_keys=True))
+        return
+    for key, value in info.items():
+        if key == "config":
+            print("config:")
+            for name, v in value.items():
+                print(f"  {name}: {json.dumps(v)}")
+        else:
+            print(f"{key}: {value}")
