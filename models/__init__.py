@@ -1,1 +1,2 @@
-"""Torch modules and checkpoint I/O. Imports only torch, numpy and safetensors (see DESIGN.md)."""
+"""Torch modules and checkpoint I/O: the lowest layer. Imports only torch, numpy and safetensors (and
+onnxruntime lazily), so the networks load anywhere; tests/test_layering.py enforces it."""

@@ -1,5 +1,5 @@
-"""StyleGAN2-ADA discriminator (SPEC §2): the VIS D (conditional by projection, 3 channels) and the
-NIR D (unconditional, 1 channel) are two instances of the same family.
+"""StyleGAN2-ADA discriminator (training/networks.py, `architecture='resnet'`): the VIS D (conditional
+by projection, 3 channels) and the NIR D (unconditional, 1 channel) are two instances of the same family.
 
 Parameter names match StyleGAN2-ADA (`b{res}.fromrgb|conv0|conv1|skip`, `b4.mbstd|conv|fc|out`,
 `mapping.*`), so original `D` / `D_NIR` state dicts load with strict=True.

@@ -1,8 +1,9 @@
 """insightface `arcface_torch` iResNet, with the original's structure and state-dict key names.
 
-A state dict saved by insightface (`backbone.pth`) loads into `IResNet` with `strict=True`; see
-SPEC.md §1.3. `base_width` scales every channel count so tests can build tiny models with the
-same topology; at 64 (the default) the module is exactly insightface's.
+A state dict saved by insightface (`backbone.pth`) loads into `IResNet` with `strict=True` (insightface
+recognition/arcface_torch/backbones/iresnet.py has the same layers and names). `base_width` scales
+every channel count so tests can build tiny models with the same topology; at 64 (the default) the
+module is exactly insightface's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Import rosinality `stylegan2-pytorch` generators (StyleID's format, SPEC §5) into our Generator.
+"""Import rosinality `stylegan2-pytorch` generators (the format StyleID's code uses) into our Generator.
 
 Same StyleGAN2 math, different parameter layout. The exact equivalences (rosinality -> ours):
 

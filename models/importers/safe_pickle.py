@@ -1,6 +1,6 @@
 """A pickle reader that resolves only an allow-list of globals and never runs code from the file.
 
-StyleGAN2-ADA / ArcBiFaceGAN snapshots (SPEC §1.1) are plain pickles whose networks reduce to
+StyleGAN2-ADA / ArcBiFaceGAN snapshots are plain pickles whose networks reduce to
 `torch_utils.persistence._reconstruct_persistent_obj(meta)`; the original loader exec()s
 `meta['module_src']`. Here that global resolves to `PersistentRecord`, which only keeps the class name
 and the state dict and never looks at `module_src`. Every global the file names goes through

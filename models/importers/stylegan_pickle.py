@@ -1,4 +1,5 @@
-"""Import StyleGAN2-ADA / ArcBiFaceGAN training snapshots (`network-snapshot-*.pkl`, SPEC §1.1).
+"""Import StyleGAN2-ADA / ArcBiFaceGAN training snapshots (`network-snapshot-*.pkl`: a plain pickle of
+G, D, G_ema, augment_pipe, training_set_kwargs, and ArcBiFaceGAN's D_NIR).
 
 The pickle is read by `safe_pickle.RestrictedUnpickler` (no code from the file is run; its
 `module_src` is never looked at). Each network comes back as a `PersistentRecord`; we flatten its
@@ -93,7 +94,7 @@ def _check_fixed(where: str, kwargs: Mapping[str, Any], allowed: set[str]) -> No
 
 
 def generator_config(record: PersistentRecord, tensors: Mapping[str, torch.Tensor]) -> GeneratorConfig:
-    """GeneratorConfig from a G record (SPEC §1.1); nir_channels from the `toseg` tensors."""
+    """GeneratorConfig from a G record's init kwargs; nir_channels (not stored) from the `toseg` tensors."""
     kw = init_kwargs(record, _G_POSITIONAL)
     mapping = {**_MAPPING_DEFAULTS, **(kw.pop("mapping_kwargs", None) or {})}
     synthesis = {**_SYNTHESIS_DEFAULTS, **(kw.pop("synthesis_kwargs", None) or {})}

@@ -1,4 +1,4 @@
-"""Loss terms against hand-computed values on fixed tensors (SPEC §3): λ_NIR scaling, R1 on both D's,
+"""Loss terms against hand-computed values on fixed tensors: λ_NIR scaling, R1 on both D's,
 path length on the summed VIS+NIR gradients, D losses, and the phases' gradients."""
 
 import math

@@ -76,7 +76,7 @@ def test_info_prints_exact_parameter_count_and_fingerprint(tmp_path, capsys):
 
 
 def test_stylegan2_ada_256_parameter_count_self_check(tmp_path, capsys):
-    """SPEC §2: without NIR heads and c, the 256² generator has StyleGAN2-ADA's 24,767,458 parameters."""
+    """Without NIR heads and c, the 256² generator has StyleGAN2-ADA's 24,767,458 parameters."""
     path = tmp_path / "g.safetensors"
     code, _, err = run(capsys, "models", "init", "arcbiface", "--out", path, "--set", "resolution=256",
                        "--set", "c_dim=0", "--set", "nir=false")

@@ -21,7 +21,7 @@ def tiny(seed=0, **overrides):
 
 
 def expected_param_count(res, base, cmax, img, c_dim, mapping_layers=8, mbstd=1):
-    """resnet D counted block by block from the architecture (SPEC §2 / StyleGAN2-ADA)."""
+    """resnet D counted block by block from the architecture (StyleGAN2-ADA's resnet D)."""
     ch = lambda r: min(base // r, cmax)  # noqa: E731
     conv = lambda i, o, k, bias=True: i * o * k * k + (o if bias else 0)  # noqa: E731
     total = 0

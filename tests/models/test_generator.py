@@ -34,7 +34,7 @@ def inputs(G, n=3, seed=1):
 # ---- parameter counts and names ---------------------------------------------------------------------
 
 def expected_param_count(z, c, w, res, base, cmax, layers, nir, img=3):
-    """Count from the architecture of SPEC §2, layer by layer (no module involved)."""
+    """Count from StyleGAN2's architecture plus the NIR heads, layer by layer (no module involved)."""
     fc = lambda i, o: i * o + o  # noqa: E731
     ch = lambda r: min(base // r, cmax)  # noqa: E731
     total = (fc(c, w) if c else 0) + fc(z + (w if c else 0), w) + (layers - 1) * fc(w, w)
@@ -69,7 +69,7 @@ def test_param_count_arcbifacegan_256():
 
 
 def spec_state_dict_keys(res, c_dim, nir, mapping_layers):
-    """The names listed in SPEC §1.2."""
+    """The names of an ArcBiFaceGAN G_ema state dict."""
     keys = {"mapping.w_avg"} | {f"mapping.fc{i}.{p}" for i in range(mapping_layers) for p in ("weight", "bias")}
     if c_dim:
         keys |= {"mapping.embed.weight", "mapping.embed.bias"}

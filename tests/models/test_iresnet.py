@@ -14,7 +14,7 @@ TINY = dict(base_width=8, embedding_dim=16, input_size=32)
 
 
 def expected_param_count(layers, width=64, embedding_dim=512, side=7):
-    """Parameters of insightface's iResNet, counted by hand from SPEC §1.3."""
+    """Parameters of insightface's iResNet, counted by hand from its architecture."""
     planes = [width, 2 * width, 4 * width, 8 * width]
     bn, prelu = 2, 1  # per channel: BN weight + bias; PReLU slope
     count = 3 * width * 9 + bn * width + prelu * width  # stem conv3x3, bn1, prelu
@@ -48,7 +48,7 @@ def test_param_counts_known_values():
 
 
 def spec_keys_r18():
-    """State-dict keys in insightface's order, from SPEC §1.3."""
+    """State-dict keys in insightface's order (arcface_torch backbones/iresnet.py)."""
 
     def bn(prefix):
         return [
