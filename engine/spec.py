@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from facegen.engine.dataset.formats import FORMATS
 from facegen.models.errors import UserError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -132,12 +133,19 @@ class FilterSpec(_Section):
 class OutputSpec(_Section):
     uri: str = Field(description="dataset root: a local path or any fsspec URI (s3://…)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    format: Literal["webdataset"] = Field("webdataset", description="shard container (engine/dataset/formats.py)")
+    format: str = Field("webdataset", description=f"shard container: {', '.join(FORMATS)}")
     name: str = Field("facegen", pattern=r"^[A-Za-z0-9_-]+$", description="shard file prefix")
     image_format: Literal["png", "jpg", "webp"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: int = Field(1000, ge=1)
     contact_sheets: int = Field(16, ge=0, description="identities shown in report.html")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:  # the registry, so a new format is a change to engine/dataset only
+            raise ValueError(f"must be one of {', '.join(FORMATS)}")
+        return value
 
 
 IndexPlacement = Literal["auto", "replicated", "sharded"]

@@ -48,7 +48,7 @@ def test_reader_is_found_from_the_shard_file_and_reads_what_was_written(tmp_path
 
 def test_output_format_is_one_of_the_registered_formats():
     assert list(FORMATS) == ["webdataset"]
-    with pytest.raises(UserError, match=r"output\.format: Input should be 'webdataset'"):
+    with pytest.raises(UserError, match=r"output\.format: must be one of webdataset"):
         build_spec(TREE, ["output.format=recordio"])
 
 
