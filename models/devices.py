@@ -17,7 +17,7 @@ def resolve_device(name: str = "auto", *, what: str = "run.device", local_rank: 
     if name not in ("auto", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"{what}: must be one of {', '.join(DEVICE_CHOICES)} (or cuda:N), got {name!r}")
     if not torch.cuda.is_available():
-        raise UserError(f"{what}: cuda requested but no CUDA device is available")
+        raise UserError(f"{what} {name}: no CUDA device is available here")
     if local_rank is not None:
         return torch.device("cuda", local_rank)
     return torch.device(name if name != "auto" else "cuda")
