@@ -18,6 +18,7 @@ from facegen.engine.training.presets import Hyperparams
 from facegen.engine.training.rundir import describe, next_run_name
 from facegen.engine.training.spec import TrainSpec, resolve_hyperparams
 from facegen.engine.training.state import find_start
+from facegen.models.devices import resolve_device
 
 
 @dataclass(frozen=True)

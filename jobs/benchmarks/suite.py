@@ -143,13 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UserError(f"--device {name}: use cpu or cuda[:i]")
-    return torch.device(name)
+    from facegen.models.devices import resolve_device
+
+    return resolve_device(name or "auto", what="--device")
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:

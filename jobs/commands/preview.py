@@ -51,11 +51,9 @@ def run_preview(args: argparse.Namespace) -> int:
         raise UserError(f"--out: {out} must end in .png")
     if not out.parent.resolve().is_dir():
         raise UserError(f"--out: folder {out.parent} does not exist")
-    if args.device.startswith("cuda"):
-        import torch
+    from facegen.models.devices import resolve_device
 
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA device is available")
+    resolve_device(args.device, what="--device")  # a missing GPU is refused before the model loads
 
     from facegen.models.loading import load_generator
 
