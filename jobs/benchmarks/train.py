@@ -90,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kimg-sample", type=float, default=None, help="thousands of images to time (default 0.384)")
     p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps of the phase breakdown (default 2)")
     p.add_argument("--no-scaling", dest="scaling", action="store_false", help="only the in-process phase breakdown")
+    p.add_argument("--no-phases", dest="phases", action="store_false", help="only the 1 and N worker runs")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -159,8 +160,12 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Both measurements; a JSON-safe dict (see `format_results`)."""
     args = _settle(args)
     torch.manual_seed(args.seed)
+    if not (args.phases or args.scaling):
+        raise UserError("--no-phases and --no-scaling: nothing left to measure")
     with tempfile.TemporaryDirectory(prefix="facegen-bench-train-") as workdir:
-        results = measure_phases(args, workdir)
+        results = configuration(args)
+        if args.phases:
+            results["phases"] = measure_phases(args, workdir)
         if args.scaling:
             results["workers"] = measure_scaling(args, workdir)
             one = results["workers"].get("1")
@@ -169,6 +174,19 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     results["published_v100_256_sec_per_kimg"] = {str(k): list(v) for k, v in PUBLISHED_V100_256.items()}
     results["published_source"] = PUBLISHED_SOURCE
     return results
+
+
+def configuration(args: argparse.Namespace) -> dict[str, Any]:
+    """What was measured, where (the resolved hyperparameters of one worker)."""
+    from facegen.engine.training.spec import resolve_hyperparams
+
+    spec = build_train_spec(_tree(args, "/unused", "synthetic", 1), args.overrides)
+    hp = resolve_hyperparams(spec, args.resolution, 1)
+    device = torch.device(args.device)
+    return {"device": str(device), "device_name": _device_name(device), "torch_threads": torch.get_num_threads(),
+            "quick": args.quick, "resolution": args.resolution, "batch_per_worker": args.batch, "preset": hp.preset,
+            "compat": spec.compat, "channel_base": hp.channel_base, "c_dim": args.c_dim,
+            "mapping_layers": hp.mapping_layers, "augment": args.aug}
 
 
 # -- 1 worker in process: the phase breakdown -------------------------------------------------------------
@@ -187,13 +205,9 @@ def measure_phases(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     kimg = steps * trainer.hp.batch_size / 1000
     phases = {name: s / kimg for name, s in trainer.phase_seconds.items()}
     main = sum(v for k, v in phases.items() if k.endswith("main"))
-    hp = trainer.hp
     return {
-        "device": str(trainer.device), "device_name": _device_name(trainer.device),
-        "torch_threads": torch.get_num_threads(), "quick": args.quick, "resolution": args.resolution,
-        "batch": hp.batch_size, "preset": hp.preset, "compat": spec.compat, "channel_base": hp.channel_base,
-        "c_dim": args.c_dim, "mapping_layers": hp.mapping_layers, "augment": args.aug, "steps": steps,
-        "kimg": kimg, "seconds": seconds, "sec_per_kimg": seconds / kimg, "images_per_sec": kimg * 1000 / seconds,
+        "batch": trainer.hp.batch_size, "steps": steps, "kimg": kimg, "seconds": seconds,
+        "sec_per_kimg": seconds / kimg, "images_per_sec": kimg * 1000 / seconds,
         "phase_sec_per_kimg": phases, "main_phases_sec_per_kimg": main,
         "regularisation_overhead": (sum(phases.values()) - main) / main if main else None,
         "parameters": {k: sum(p.numel() for p in v.parameters()) for k, v in trainer.nets.items()},
@@ -257,16 +271,18 @@ def measure_scaling(args: argparse.Namespace, workdir: str) -> dict[str, dict[st
 
 
 def format_results(r: dict[str, Any]) -> str:
-    phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phase_sec_per_kimg"].items())
     lines = [
         f"facegen bench train: {r['resolution']}² {r['preset']} (compat {r['compat']}, channel_base "
         f"{r['channel_base']}, c_dim {r['c_dim']}, {r['mapping_layers']} mapping layers, aug {r['augment']})"
-        f"{' --quick' if r['quick'] else ''} on {r['device_name']} ({r['torch_threads']} threads)",
-        f"  1 worker in process, batch {r['batch']}: {r['sec_per_kimg']:.2f} s/kimg ({r['images_per_sec']:.1f} img/s "
-        f"over {r['steps']} steps)",
-        f"  per phase (s/kimg): {phases}; main phases alone {r['main_phases_sec_per_kimg']:.2f}, lazy "
-        f"regularisation adds {100 * (r['regularisation_overhead'] or 0):.1f}%",
-    ]
+        f"{' --quick' if r['quick'] else ''} on {r['device_name']} ({r['torch_threads']} threads)"]
+    if r.get("phases"):
+        p = r["phases"]
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in p["phase_sec_per_kimg"].items())
+        lines += [
+            f"  1 worker in process, batch {p['batch']}: {p['sec_per_kimg']:.2f} s/kimg ({p['images_per_sec']:.1f} "
+            f"img/s over {p['steps']} steps)",
+            f"  per phase (s/kimg): {phases}; main phases alone {p['main_phases_sec_per_kimg']:.2f}, lazy "
+            f"regularisation adds {100 * (p['regularisation_overhead'] or 0):.1f}%"]
     if r.get("workers"):
         lines.append("  workers  batch  s/kimg    img/s    speedup  | StyleGAN2-ADA V100 256² s/kimg (published)")
         for entry in r["workers"].values():

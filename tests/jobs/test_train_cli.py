@@ -158,16 +158,19 @@ def test_bench_train_times_whole_regulariser_cycles(tmp_path, capsys):
                "--compat", "facegen", "--device", "cpu",
                "--set", "config.z_dim=16", "--set", "config.w_dim=16", "--set", "config.mapping_layers=2"])
     assert rc == 0
-    r = json.loads(out.read_text())
-    assert (r["steps"], r["kimg"], r["batch"], r["resolution"]) == (16, 0.064, 4, 16)  # one 16-step cycle
+    top = json.loads(out.read_text())
+    r = top["phases"]
+    assert (r["steps"], r["kimg"], r["batch"], top["resolution"]) == (16, 0.064, 4, 16)  # one 16-step cycle
     assert r["sec_per_kimg"] == pytest.approx(r["seconds"] / r["kimg"])
     assert set(r["phase_sec_per_kimg"]) == {"Gmain", "Greg", "Dmain", "Dreg"}
     assert sum(r["phase_sec_per_kimg"].values()) <= r["sec_per_kimg"]
     assert r["regularisation_overhead"] > 0 and r["parameters"]["G"] < 50_000  # the --set overrides applied
-    assert r["published_v100_256_sec_per_kimg"]["1"] == [21.6, 24.2] and "V100" in r["published_source"]
+    assert top["published_v100_256_sec_per_kimg"]["1"] == [21.6, 24.2] and "V100" in top["published_source"]
+    assert "workers" not in top and top["compat"] == "facegen"
     assert "s/kimg" in capsys.readouterr().out
     assert main(["bench", "train", "--resolution", "12"]) == 2
     assert main(["bench", "train", "--workers", "0"]) == 2
+    assert main(["bench", "train", "--no-phases", "--no-scaling"]) == 2
 
 
 @pytest.mark.slow
@@ -176,9 +179,9 @@ def test_bench_train_quick_with_one_and_two_ray_workers(ray_session, capsys):
     from facegen.jobs.benchmarks.train import bench_args, run_train_bench
 
     args = bench_args(quick=True, device="cpu", kimg_sample=0.004, warmup_steps=1, batch=2, resolution=16,
-                      channel_base=128, channel_max=16, c_dim=8)
+                      channel_base=128, channel_max=16, c_dim=8, phases=False)
     r = run_train_bench(args)
-    assert set(r["workers"]) == {"1", "2"} and r["compat"] == "facegen"
+    assert set(r["workers"]) == {"1", "2"} and r["compat"] == "facegen" and "phases" not in r
     one, two = r["workers"]["1"], r["workers"]["2"]
     assert (one["batch"], two["batch"], one["steps"], two["steps"]) == (2, 4, 16, 16)  # 2 per worker, 1 cycle
     assert all(e["sec_per_kimg"] > 0 and e["images_per_sec"] == pytest.approx(1000 / e["sec_per_kimg"])
