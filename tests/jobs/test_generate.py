@@ -362,3 +362,18 @@ def test_audit_exit_codes_usage_and_incomplete(job, reference, tmp_path, capsys)
         "1 of 4 planned shards are not complete (shard ids [3])",
         "1 shard file(s) without a completion marker (an interrupted write), e.g. ['facegen-000003.tar']",
         "no report.json (the job did not finish)"]
+
+
+def test_preprocessing_flags_reach_the_spec(job):
+    from facegen.jobs.cli import build_parser
+    from facegen.jobs.commands.generate import resolve_spec
+
+    parser = build_parser()
+    spec = resolve_spec(parser.parse_args(["generate", job, "--preprocessing", "mean=0", "--preprocessing",
+                                           "channel_order=BGR", "--fmr", "0.01", "--privacy-threshold", "auto"]))
+    assert spec.embedder.preprocessing == {"mean": [0.0, 0.0, 0.0], "channel_order": "BGR"}
+    assert spec.privacy.threshold == "auto" and spec.privacy.fmr == 0.01
+    from facegen.models.errors import UserError
+
+    with pytest.raises(UserError, match="KEY one of input_size"):
+        resolve_spec(parser.parse_args(["generate", job, "--preprocessing", "scale=2"]))
