@@ -8,6 +8,8 @@ import html
 import json
 import os
 
+from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -24,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset", help="the dataset (local path or fsspec URI)")
     p.add_argument("--embedder", required=True, help="face embedder model file")
+    add_preprocessing_flag(p)
     p.add_argument("--mode", choices=["vis", "nir"], default="vis", help="which images to embed")
     p.add_argument("--max-impostors", type=int, default=1_000_000,
                    help="impostor pairs: all of them up to this many, else a seeded sample of this size")
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from facegen.engine.storage import Storage
     from facegen.models.loading import load_embedder
 
-    embedder = load_embedder(args.embedder)
+    embedder = load_embedder(args.embedder, **preprocessing_flags(args))
+    print_notes(embedder)
     labels, embeddings = embed_dataset(Storage(args.dataset), embedder, args.mode, args.batch_size)
     print(f"embedded {len(labels)} samples of {len(set(labels.tolist()))} identities", flush=True)
     figures, genuine, impostor = dataset_separability(labels, embeddings, args.max_impostors, args.seed)
