@@ -14,8 +14,10 @@ vector belongs to which layer. A coordinate is (layer, channel); a *unit* is a c
 channels inside one layer (one channel, a group of channels, or a whole layer). Swapping units
 between two codes is then one `torch.where` over a flat mask, whatever the space.
 
-Images are rendered with constant noise (`noise_mode='const'`) so that a swap is the only thing that
-changes between two renders: the disentanglement metric compares images pixel for pixel.
+Rendering, mapping and StyleSpace go through the family's `LatentSpaces` implementation
+(`models.rendering`; for StyleGAN2 `StyleGAN2Renderer`), with constant noise (`noise_mode='const'`)
+so that a swap is the only thing that changes between two renders: the disentanglement metric
+compares images pixel for pixel.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from facegen.models.errors import UserError
-from facegen.models.generator import Generator
+from facegen.models.generator import Generator, StyleGAN2Renderer, StyleGAN2Settings
 
 SPACES = ("wplus", "style")
 
@@ -118,6 +120,8 @@ class LatentSpace:
             raise UserError(f"latent space: expected a facegen Generator, got {type(generator).__name__}")
         self.generator = generator.eval().requires_grad_(False)
         self.synthesis = generator.synthesis
+        # Constant noise; the shared-weight NHWC convolution, facegen's fastest CPU path at these batches.
+        self.renderer = StyleGAN2Renderer(generator, StyleGAN2Settings(noise_mode="const", modulated_conv="shared"))
         names = tuple(self.synthesis.style_names())
         affines = {n: self._style_layer(n).affine.out_features for n in names}
         self.layouts = {
@@ -167,8 +171,9 @@ class LatentSpace:
     # -- codes ----------------------------------------------------------------------------------
     def map(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1.0) -> torch.Tensor:
         """(z, c) -> ws [N, num_ws, w_dim]."""
+        renderer = StyleGAN2Renderer(self.generator, StyleGAN2Settings(truncation_psi=truncation_psi))
         with torch.no_grad():
-            return self.generator.mapping(z, c if self.c_dim else None, truncation_psi=truncation_psi)
+            return renderer.w_plus(z, c if self.c_dim else None)
 
     def mean_ws(self, count: int = 1) -> torch.Tensor:
         """The average w broadcast to W+ (where projection starts): [count, num_ws, w_dim]."""
@@ -178,7 +183,7 @@ class LatentSpace:
         """ws -> flat codes [N, D] of `space` (StyleSpace codes are the affine outputs)."""
         if space == "wplus":
             return ws.reshape(ws.shape[0], -1)
-        styles = self.synthesis.compute_styles(ws)
+        styles = self.renderer.style_space(ws)
         return torch.cat([styles[n] for n in self.layout("style").names], dim=1)
 
     def ws_of(self, space: str, codes: torch.Tensor) -> torch.Tensor | None:
@@ -189,15 +194,14 @@ class LatentSpace:
         """Flat codes -> (vis [N, C, R, R], nir [N, 1, R, R] or None), float in about [-1, 1].
 
         Differentiable (callers wrap it in no_grad when they do not optimise)."""
-        # NHWC activations with shared weights: facegen's fastest CPU path at these batch sizes.
         if space == "wplus":
-            return self.synthesis(self.ws_of(space, codes), noise_mode="const", channels_last=True)
+            return self.renderer.render_w_plus(self.ws_of(space, codes))
         layout = self.layout("style")
         parts = codes.split(list(layout.widths), dim=1)
         styles = dict(zip(layout.names, parts))
         # Every affine is replaced by the given styles, so the ws only provide the batch size.
         ws = codes.new_zeros(codes.shape[0], self.num_ws, self.w_dim)
-        return self.synthesis(ws, noise_mode="const", styles=styles, channels_last=True)
+        return self.renderer.render_w_plus(ws, styles=styles)
 
     def render_ws(self, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.render("wplus", ws.reshape(ws.shape[0], -1))
