@@ -145,3 +145,70 @@ class TorchBackend:
                 cand_rows = np.concatenate([kept_rows, idx.cpu().numpy() + start], axis=1)
                 kept_sims, kept_rows = merge_topk(cand_sims, cand_rows, k)
         return _pad_topk(kept_sims, kept_rows, k)
+
+
+# A unit row stored in float16 moves each component by at most 2^-11 of itself (round to nearest), so
+# the row moves by at most 2^-11 in L2 norm and its inner product with a unit query by at most 2^-11;
+# float32 accumulation over 512 dimensions adds < 2^-16. Any row whose float16 similarity is more
+# than 2 * FP16_MARGIN below the best float16 similarity cannot be the exact maximum.
+FP16_MARGIN = 2.0**-11 + 2.0**-14
+FP16_FIRST_K = 8  # float16 neighbours fetched first; a range search covers the rare longer windows
+
+
+class Fp16Backend:
+    """Scan float16 rows (faiss scalar quantiser, half the memory of float32), then re-score in
+    float32 every row that can still be among the exact top k: the answers equal a float32 index's
+    (up to float32 summation order), so no decision near a threshold changes.
+
+    `rows(ids)` returns the exact float32 rows (store.Float32Rows: memory-mapped or ranged reads).
+    """
+
+    def __init__(self, index: faiss.Index, rows):
+        self.index, self.rows, self.on_gpu = index, rows, False
+
+    def _candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(query ids, row ids) of every row within the re-scoring window of each query's k-th best."""
+        total = self.index.ntotal
+        first = min(total, max(k, FP16_FIRST_K))
+        sims, rows = self.index.search(queries, first)
+        floor = sims[:, min(k, first) - 1] - 2 * FP16_MARGIN
+        nonzero = np.abs(queries).max(axis=1) > 0  # zeroed (non-finite) queries are answered as NaN later
+        pairs_q, pairs_r = [], []
+        inside = (sims >= floor[:, None]) & (rows >= 0) & nonzero[:, None]
+        q_ids, cols = np.nonzero(inside)
+        pairs_q.append(q_ids)
+        pairs_r.append(rows[q_ids, cols])
+        longer = np.flatnonzero(nonzero & (first < total) & (sims[:, -1] >= floor))
+        if len(longer):
+            lims, dist, found = self.index.range_search(queries[longer], float(floor[longer].min()))
+            owner = np.repeat(longer, np.diff(lims.astype(np.int64)))
+            keep = dist >= floor[owner]
+            pairs_q.append(owner[keep])
+            pairs_r.append(found[keep].astype(np.int64))
+        pairs = np.unique(np.stack([np.concatenate(pairs_q), np.concatenate(pairs_r)], axis=1), axis=0)
+        return pairs[:, 0], pairs[:, 1]
+
+    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(queries)
+        q_ids, r_ids = self._candidates(queries, k)
+        unique, position = np.unique(r_ids, return_inverse=True)
+        exact_rows = self.rows(unique)
+        exact = np.einsum("ij,ij->i", queries[q_ids], exact_rows[position])
+        # Best k per query by (similarity desc, row asc), the other backends' tie rule.
+        order = np.lexsort((r_ids, -exact, q_ids))
+        q_sorted = q_ids[order]
+        starts = np.searchsorted(q_sorted, np.arange(n))
+        rank = np.arange(len(order)) - starts[q_sorted]
+        take = rank < k
+        sims = np.full((n, k), -np.inf, np.float32)
+        rows = np.full((n, k), -1, np.int64)
+        sims[q_sorted[take], rank[take]] = exact[order][take]
+        rows[q_sorted[take], rank[take]] = r_ids[order][take]
+        zero = ~(np.abs(queries).max(axis=1) > 0)
+        if zero.any():  # no meaningful answer; the caller turns these into NaN / -1
+            sims[zero], rows[zero] = 0.0, 0
+        return sims, rows
+
+    def top1(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sims, rows = self.topk(queries, 1)
+        return sims[:, 0], rows[:, 0]

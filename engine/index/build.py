@@ -12,21 +12,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from facegen.engine.index.compat import impostor_summary
-from facegen.engine.index.store import (
-    INDEX_JSON,
-    SHARD_DIR,
-    IndexInfo,
-    ShardInfo,
-    normalize_rows,
-    shard_name,
-    write_info,
-    write_shard,
-)
+from facegen.engine.index.store import IndexInfo, ShardInfo, shard_name
+from facegen.engine.index.writer import INVALID_ROW, NORM_BLOCK, IndexWriter, valid_rows
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
-INVALID_ROW = "non-finite or zero-norm embedding"
+__all__ = ["INVALID_ROW", "build_index", "plan_shards"]
+BLOCK_ROWS = 1 << 16  # rows handed to the writer at once (it normalises NORM_BLOCK rows at a time)
 
 
 def _check_inputs(embeddings: np.ndarray, identities: Sequence[str], files: Sequence[str]) -> None:
@@ -51,15 +43,6 @@ def plan_shards(count: int, shard_size: int, shard_sizes: Sequence[int] | None =
     return [ShardInfo(shard_name(i), int(o), int(n)) for i, (o, n) in enumerate(zip(offsets, shard_sizes))]
 
 
-def _prepare_output(out: Storage, overwrite: bool) -> None:
-    out.check_writable()
-    if out.exists(INDEX_JSON):
-        if not overwrite:
-            raise UserError(f"{out.url(INDEX_JSON)}: an index already exists here (use --overwrite)")
-        out.delete(INDEX_JSON)  # first, so the old index stops being readable before it changes
-    out.delete(SHARD_DIR)
-
-
 def build_index(
     embeddings: np.ndarray,
     identities: Sequence[str],
@@ -76,54 +59,50 @@ def build_index(
     overwrite: bool = False,
     embedder_weights: str | None = None,
     skipped: Sequence[tuple[str, str]] = (),
+    row_dtype: str = "float32",
 ) -> IndexInfo:
     """Write a privacy index of `embeddings` (raw or normalised) to `out`; returns its description.
 
     `dropped` carries counts of inputs the source already skipped (reason -> count) into index.json.
     `shard_sizes` overrides `shard_size` with explicit consecutive shard lengths. `skipped` lists
     (file, reason) of inputs left out on purpose (--skip-bad); they are recorded by name.
-    The impostor score distribution is measured on the enrolled set and recorded (enrolment sanity).
+    The impostor score distribution is measured on (a seeded sample of) the enrolled set and recorded
+    (enrolment sanity). Written block by block (`IndexWriter`): besides the caller's matrix, memory
+    holds about one shard. `row_dtype` 'float16' halves the rows' memory (exact float32 re-scoring,
+    engine/index/store.py).
     """
-    embeddings = np.asarray(embeddings)
+    embeddings = np.asarray(embeddings)  # a view when it already is an array: no copy of the matrix
     _check_inputs(embeddings, identities, files)
-    vectors, valid = normalize_rows(embeddings)
-    identities = np.asarray([str(i) for i in identities], dtype=object)
-    files = np.asarray([str(f) for f in files], dtype=object)
-    dropped = dict(dropped or {})
-    num_invalid = int((~valid).sum())
-    if num_invalid:
-        if not drop_invalid:
-            examples = files[~valid][:3].tolist()
-            raise UserError(f"build index: {num_invalid} embeddings are not finite or have zero norm "
-                            f"(e.g. {examples}); fix the source or pass drop_invalid (--drop-invalid)")
-        vectors, identities, files = vectors[valid], identities[valid], files[valid]
-        dropped[INVALID_ROW] = dropped.get(INVALID_ROW, 0) + num_invalid
-        if len(vectors) == 0:
-            raise UserError("build index: no valid embeddings left")
-    if shard_sizes is not None and num_invalid:
-        raise UserError("build index: explicit shard_sizes cannot be combined with dropped rows")
-    shards = plan_shards(len(vectors), shard_size, shard_sizes)
+    num_invalid, examples = _count_invalid(embeddings, files)
+    if num_invalid and not drop_invalid:  # refused before anything is written or replaced
+        raise UserError(f"build index: {num_invalid} embeddings are not finite or have zero norm "
+                        f"(e.g. {examples}); fix the source or pass drop_invalid (--drop-invalid)")
+    if num_invalid == len(embeddings):
+        raise UserError("build index: no valid embeddings left")
+    if shard_sizes is not None:
+        if num_invalid:
+            raise UserError("build index: explicit shard_sizes cannot be combined with dropped rows")
+        plan_shards(len(embeddings), shard_size, shard_sizes)  # checked before anything is written
+    writer = IndexWriter(out, shard_size=shard_size, shard_sizes=shard_sizes, drop_invalid=drop_invalid,
+                         overwrite=overwrite, row_dtype=row_dtype)
+    for start in range(0, len(embeddings), BLOCK_ROWS):
+        rows = slice(start, start + BLOCK_ROWS)
+        writer.add(embeddings[rows], identities[rows], files[rows])
+    return writer.finish(embedder_fingerprint=embedder_fingerprint,
+                         preprocessing=dict(preprocessing) if preprocessing is not None else None,
+                         source=source, dropped=dropped, created_by=_created_by(), embedder_weights=embedder_weights,
+                         skipped=tuple({"file": str(f), "reason": str(r)} for f, r in skipped))
 
-    _prepare_output(out, overwrite)
-    for shard in shards:
-        rows = slice(shard.offset, shard.offset + shard.count)
-        write_shard(out, shard.name, vectors[rows], identities[rows], files[rows])
-    info = IndexInfo(
-        dim=int(vectors.shape[1]),
-        count=int(len(vectors)),
-        shards=tuple(shards),
-        embedder_fingerprint=embedder_fingerprint,
-        preprocessing=dict(preprocessing) if preprocessing is not None else None,
-        source=source,
-        dropped=dropped,
-        num_identities=int(len(np.unique(identities.astype(str)))),
-        created_by=_created_by(),
-        embedder_weights=embedder_weights,
-        impostor_scores=impostor_summary(vectors, identities.astype(str)),
-        skipped=tuple({"file": str(f), "reason": str(r)} for f, r in skipped),
-    )
-    write_info(out, info)  # last: only now is the index readable
-    return info
+
+def _count_invalid(embeddings: np.ndarray, files: Sequence[str]) -> tuple[int, list[str]]:
+    """Rows that cannot be enrolled, and up to three of their files, checked block by block."""
+    count, examples = 0, []
+    for start in range(0, len(embeddings), NORM_BLOCK):
+        _, valid = valid_rows(np.asarray(embeddings[start : start + NORM_BLOCK], dtype=np.float32))
+        bad = np.flatnonzero(~valid)
+        count += len(bad)
+        examples += [str(files[start + i]) for i in bad[: 3 - len(examples)]]
+    return count, examples
 
 
 def _created_by() -> str:

@@ -18,10 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from facegen.engine.index.backends import FaissBackend, NumpyBackend, TorchBackend, merge_topk, resolve_backend
+from facegen.engine.index.backends import (
+    FaissBackend,
+    Fp16Backend,
+    NumpyBackend,
+    TorchBackend,
+    merge_topk,
+    resolve_backend,
+)
 from facegen.engine.index.protocol import checked_rows
 from facegen.engine.index.store import (
     NORM_TOLERANCE,
+    Float32Rows,
     IndexInfo,
     ShardInfo,
     flat_vectors,
@@ -92,8 +100,8 @@ class IndexShard:
     """
 
     def __init__(self, storage: Storage | None, shard: ShardInfo, dim: int, *, backend: str = "auto",
-                 device: str = "cpu"):
-        self.storage, self.shard, self.dim = storage, shard, dim
+                 device: str = "cpu", row_dtype: str = "float32"):
+        self.storage, self.shard, self.dim, self.row_dtype = storage, shard, dim, row_dtype
         self.device = str(device)
         self.backend = resolve_backend(backend, self.device)
         self._vectors: np.ndarray | None = None
@@ -135,7 +143,10 @@ class IndexShard:
         engine = self._engine
         if isinstance(engine, FaissBackend) and not engine.on_gpu:
             return flat_vectors(engine.index)
-        vectors = flat_vectors(read_shard_vectors(self.storage, self.shard, self.dim))
+        if self.row_dtype == "float16":  # the exact float32 rows, not the float16 ones
+            vectors = Float32Rows(self.storage, self.shard, self.dim).all()
+        else:
+            vectors = flat_vectors(read_shard_vectors(self.storage, self.shard, self.dim))
         if self.backend != "faiss":  # numpy/torch search these very arrays: keep them
             self._vectors = vectors
         return vectors
@@ -149,7 +160,13 @@ class IndexShard:
     def load(self) -> IndexShard:
         """Load the shard and build its search engine now (actors call this at start-up)."""
         if self._engine is None:
-            if self.backend == "faiss":
+            if self.backend == "faiss" and self.row_dtype == "float16" and self.storage is not None:
+                if self.device.startswith("cuda"):
+                    raise UserError("float16 index rows are searched by faiss on the CPU; on a GPU use "
+                                    "backend 'torch' (it searches the exact float32 rows)")
+                rows = Float32Rows(self.storage, self.shard, self.dim)
+                self._engine = Fp16Backend(read_shard_vectors(self.storage, self.shard, self.dim), rows)
+            elif self.backend == "faiss":
                 self._engine = FaissBackend(self._faiss_index(), self.device)
             elif self.backend == "torch":
                 self._engine = TorchBackend(self.vectors(), self.device)
@@ -206,8 +223,8 @@ class PrivacyIndex:
         self.storage, self.info = storage, info
         self.backend = resolve_backend(backend, str(device))
         self.device = str(device)
-        self._shards = [IndexShard(storage, s, info.dim, backend=self.backend, device=self.device)
-                        for s in info.shards]
+        self._shards = [IndexShard(storage, s, info.dim, backend=self.backend, device=self.device,
+                                   row_dtype=info.row_dtype) for s in info.shards]
         self._offsets = np.asarray([s.offset for s in info.shards], np.int64)
         self._labels: tuple[np.ndarray, np.ndarray] | None = None
 

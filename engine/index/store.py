@@ -2,7 +2,10 @@
 
 ```
 index.json              written LAST, atomically: an index without it is not an index
-shards/NNNNN.faiss      faiss.IndexFlatIP over L2-normalised float32 (faiss.serialize_index)
+shards/NNNNN.faiss      faiss.IndexFlatIP over L2-normalised float32 (faiss.write_index format);
+                        row_dtype float16: a faiss.IndexScalarQuantizer (QT_fp16) of the same rows
+shards/NNNNN.f32        row_dtype float16 only: the float32 rows, raw row-major little-endian, read
+                        row by row to re-score the candidates near a query's maximum exactly
 shards/NNNNN.parquet    one row per vector, in faiss order: identity (string), file (string)
 ```
 Global row ids run over the shards in order: shard i holds rows [offset_i, offset_i + count_i).
@@ -30,6 +33,8 @@ SHARD_DIR = "shards"
 METRIC = "ip"
 # |norm - 1| allowed for a vector to count as L2-normalised (float32 rounding is ~1e-7).
 NORM_TOLERANCE = 1e-3
+ROW_DTYPES = ("float32", "float16")
+IO_CHUNK = 64 << 20  # bytes per write call when streaming a shard to storage
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class IndexInfo:
     embedder_weights: str | None = None  # sha256 of the weights alone (older indexes: unknown)
     impostor_scores: dict | None = None  # enrolment sanity: median/p99/max cosine of different identities
     skipped: tuple[dict, ...] = ()  # inputs left out at enrolment: {"file", "reason"}
+    row_dtype: str = "float32"  # float16: half-memory rows, exact float32 re-scoring near the maximum
     created_by: str = "facegen"
     metric: str = METRIC
     format_version: int = FORMAT_VERSION
@@ -101,6 +107,7 @@ class IndexInfo:
                 embedder_weights=data.get("embedder_weights"),
                 impostor_scores=data.get("impostor_scores"),
                 skipped=tuple(dict(item) for item in data.get("skipped", ())),
+                row_dtype=str(data.get("row_dtype", "float32")),
                 created_by=str(data.get("created_by", "")),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -117,6 +124,8 @@ class IndexInfo:
             offset += shard.count
         if offset != self.count:
             raise UserError(f"{where}: shards hold {offset} rows but count is {self.count}")
+        if self.row_dtype not in ROW_DTYPES:
+            raise UserError(f"{where}: row_dtype {self.row_dtype!r} is not one of {ROW_DTYPES}")
 
     def threshold_at(self, fmr: float) -> float | None:
         """The calibrated threshold for exactly this FMR, or None when it was not calibrated."""
@@ -145,11 +154,24 @@ def write_info(storage: Storage, info: IndexInfo) -> None:
 
 # ------------------------------------------------------------------------------------ shards
 def write_shard(storage: Storage, name: str, vectors: np.ndarray, identities: Sequence[str],
-                files: Sequence[str]) -> None:
-    """Write one shard's faiss index and its label table (vectors already normalised float32)."""
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    storage.write_bytes(f"{SHARD_DIR}/{name}.faiss", faiss.serialize_index(index).tobytes())
+                files: Sequence[str], *, row_dtype: str = "float32") -> None:
+    """Write one shard's faiss index and its label table (vectors already normalised float32).
+
+    Streamed to storage (faiss.write_index through a callback): no serialised copy of the shard."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if row_dtype == "float16":
+        index = faiss.IndexScalarQuantizer(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                           faiss.METRIC_INNER_PRODUCT)
+        with storage.atomic_writer(f"{SHARD_DIR}/{name}.f32") as handle:
+            flat = vectors.reshape(-1).view(np.uint8)
+            for start in range(0, len(flat), IO_CHUNK):
+                handle.write(flat[start : start + IO_CHUNK])
+    else:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    with storage.atomic_writer(f"{SHARD_DIR}/{name}.faiss") as handle:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+    del index
     table = pa.table({"identity": pa.array(list(identities), pa.string()),
                       "file": pa.array(list(files), pa.string())})
     buffer = io.BytesIO()
@@ -157,14 +179,22 @@ def write_shard(storage: Storage, name: str, vectors: np.ndarray, identities: Se
     storage.write_bytes(f"{SHARD_DIR}/{name}.parquet", buffer.getvalue())
 
 
-def read_shard_vectors(storage: Storage, shard: ShardInfo, dim: int) -> faiss.IndexFlatIP:
-    """The shard's faiss index, checked against index.json."""
+def read_shard_vectors(storage: Storage, shard: ShardInfo, dim: int) -> faiss.Index:
+    """The shard's faiss index (flat, or fp16 scalar-quantised), checked against index.json.
+
+    Streamed from storage into the index's own memory: opening a shard holds it once, not as
+    serialised bytes plus a copy."""
     relative = f"{SHARD_DIR}/{shard.name}.faiss"
-    raw = np.frombuffer(storage.read_bytes(relative), dtype=np.uint8)
     try:
-        index = faiss.deserialize_index(raw)
+        with storage.open(relative) as handle:
+            index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+    except FileNotFoundError:
+        raise UserError(f"{storage.url(relative)}: not found") from None
     except RuntimeError as err:
         raise UserError(f"{storage.url(relative)}: not a readable faiss index ({err})") from None
+    fp16 = isinstance(index, faiss.IndexScalarQuantizer) and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+    if not (isinstance(index, faiss.IndexFlat) or fp16):
+        raise UserError(f"{storage.url(relative)}: a {type(index).__name__}, expected a flat or fp16 index")
     if index.d != dim or index.ntotal != shard.count or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise UserError(f"{storage.url(relative)}: holds {index.ntotal} x {index.d} (metric "
                         f"{index.metric_type}), index.json says {shard.count} x {dim} inner product")
@@ -174,6 +204,37 @@ def read_shard_vectors(storage: Storage, shard: ShardInfo, dim: int) -> faiss.In
 def flat_vectors(index: faiss.IndexFlat) -> np.ndarray:
     """The float32 [n, dim] matrix inside a flat faiss index (a copy)."""
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
+
+
+class Float32Rows:
+    """Random access to a float16 shard's exact float32 rows (`NNNNN.f32`): memory-mapped on a local
+    disk, ranged reads elsewhere. Only the rows asked for are read."""
+
+    def __init__(self, storage: Storage, shard: ShardInfo, dim: int):
+        self.storage, self.dim, self.count = storage, dim, shard.count
+        self.relative = f"{SHARD_DIR}/{shard.name}.f32"
+        self._map: np.ndarray | None = None
+        if storage.is_local:
+            self._map = np.memmap(storage.path(self.relative), np.float32, "r", shape=(self.count, dim))
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if self._map is not None:
+            return np.asarray(self._map[rows])
+        out = np.empty((len(rows), self.dim), np.float32)
+        width = self.dim * 4
+        with self.storage.open(self.relative) as handle:
+            for i, row in enumerate(rows):
+                handle.seek(int(row) * width)
+                out[i] = np.frombuffer(handle.read(width), np.float32)
+        return out
+
+    def all(self) -> np.ndarray:
+        """Every row, as a float32 matrix (the numpy and torch backends search these)."""
+        if self._map is not None:
+            return np.array(self._map)
+        with self.storage.open(self.relative) as handle:
+            return np.frombuffer(handle.read(), np.float32).reshape(self.count, self.dim).copy()
 
 
 def read_shard_labels(storage: Storage, shard: ShardInfo) -> tuple[np.ndarray, np.ndarray]:

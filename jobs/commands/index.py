@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--drop-invalid", action="store_true",
                        help="drop non-finite/zero embeddings (counted in index.json) instead of refusing")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    build.add_argument("--row-dtype", choices=["float32", "float16"], default="float32",
+                       help="float16 halves the rows' memory when searched with faiss on the CPU; every "
+                            "row near a query's maximum is re-scored in float32, so answers are unchanged")
     add_storage_option(build)
     build.set_defaults(func=run_build)
 
@@ -108,7 +111,6 @@ def run_build(args: argparse.Namespace) -> int:
         calibrate,
         embeddings_from_identity_features,
         embeddings_from_images,
-        embeddings_from_table,
     )
     from facegen.engine.index.compat import print_impostor_lines
     from facegen.engine.storage import Storage
@@ -130,11 +132,12 @@ def run_build(args: argparse.Namespace) -> int:
     else:
         if args.nir is not None:
             raise UserError("index build: --nir/--no-nir apply to --images only")
-        source = (embeddings_from_identity_features(args.features, options) if args.features
-                  else embeddings_from_table(args.table, options))
-    if args.fmr and not args.features:
-        raise UserError("index build: --fmr applies to --features (calibrate other indexes with "
-                        "`facegen index calibrate`)")
+        if args.fmr and not args.features:
+            raise UserError("index build: --fmr applies to --features (calibrate other indexes with "
+                            "`facegen index calibrate`)")
+        if args.table:
+            return _build_from_table(args, out, options, embedder)
+        source = embeddings_from_identity_features(args.features, options)
     if embedder is not None and source.embeddings.shape[1] != embedder.dim:
         raise UserError(f"index build: the source holds {source.embeddings.shape[1]}-d embeddings but "
                         f"--embedder {args.embedder} produces {embedder.dim}-d")
@@ -144,7 +147,8 @@ def run_build(args: argparse.Namespace) -> int:
         preprocessing=embedder.preprocessing.to_dict() if embedder else None,
         embedder_weights=embedder.weights_fingerprint if embedder else None,
         shard_size=args.shard_size, source=source.description, drop_invalid=args.drop_invalid,
-        dropped=source.skipped_by_reason(), overwrite=args.overwrite, skipped=source.skipped)
+        dropped=source.skipped_by_reason(), overwrite=args.overwrite, skipped=source.skipped,
+        row_dtype=args.row_dtype)
     print(f"wrote {args.out}: {info.count} embeddings of {info.num_identities} identities, dim {info.dim}, "
           f"{info.num_shards} shard(s)")
     print_identity_counts(source.identities)
@@ -160,6 +164,26 @@ def run_build(args: argparse.Namespace) -> int:
         for entry in calibrate(index, args.fmr or DEFAULT_FMRS):
             print(_threshold_line(entry))
             _warn_unresolved(entry)
+    return 0
+
+
+def _build_from_table(args: argparse.Namespace, out, options: dict, embedder) -> int:
+    """Tables stream: memory stays near one shard whatever the table's size."""
+    from facegen.engine.index.compat import print_impostor_lines
+    from facegen.engine.index.stream import build_index_from_table
+
+    info = build_index_from_table(
+        args.table, out, storage_options=options, expected_dim=embedder.dim if embedder else None,
+        info_fields={"embedder_fingerprint": embedder.fingerprint if embedder else None,
+                     "preprocessing": embedder.preprocessing.to_dict() if embedder else None,
+                     "embedder_weights": embedder.weights_fingerprint if embedder else None},
+        shard_size=args.shard_size, drop_invalid=args.drop_invalid, overwrite=args.overwrite,
+        row_dtype=args.row_dtype)
+    print(f"wrote {args.out}: {info.count} embeddings of {info.num_identities} identities, dim {info.dim}, "
+          f"{info.num_shards} shard(s)")
+    for reason, count in sorted(info.dropped.items()):
+        print(f"dropped {count}: {reason}")
+    print_impostor_lines(info.impostor_scores)
     return 0
 
 

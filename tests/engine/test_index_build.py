@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import facegen.engine.index.build as build_module
+import facegen.engine.index.writer as writer_module
 from facegen.engine.index import (
     PrivacyIndex,
     build_index,
@@ -175,13 +175,13 @@ def test_flat_image_folder(tmp_path):
 
 def test_index_json_is_written_last(tmp_path, monkeypatch):
     writes = []
-    original = Storage.write_bytes
+    original = Storage.atomic_writer  # every write goes through it (write_bytes too)
 
-    def recording(self, relative, data):
+    def recording(self, relative):
         writes.append(relative)
-        return original(self, relative, data)
+        return original(self, relative)
 
-    monkeypatch.setattr(Storage, "write_bytes", recording)
+    monkeypatch.setattr(Storage, "atomic_writer", recording)
     rng = np.random.default_rng(5)
     build_index(rng.standard_normal((10, 4)), ["a"] * 10, ["f"] * 10, Storage(str(tmp_path)),
                 embedder_fingerprint=None, preprocessing=None, shard_size=4)
@@ -192,7 +192,7 @@ def test_index_json_is_written_last(tmp_path, monkeypatch):
 def test_crashed_build_leaves_no_readable_index(tmp_path, monkeypatch):
     rng = np.random.default_rng(6)
     calls = []
-    original = build_module.write_shard
+    original = writer_module.write_shard
 
     def crash_on_second_shard(*args, **kwargs):
         calls.append(1)
@@ -200,12 +200,12 @@ def test_crashed_build_leaves_no_readable_index(tmp_path, monkeypatch):
             raise OSError("disk full")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(build_module, "write_shard", crash_on_second_shard)
+    monkeypatch.setattr(writer_module, "write_shard", crash_on_second_shard)
     with pytest.raises(OSError, match="disk full"):
         build_index(rng.standard_normal((10, 4)), ["a"] * 10, ["f"] * 10, Storage(str(tmp_path)),
                     embedder_fingerprint=None, preprocessing=None, shard_size=4)
-    assert (tmp_path / "shards" / "00000.faiss").exists()
-    assert not (tmp_path / "index.json").exists()
+    assert len(calls) == 2  # the first shard was written, then removed with the failed build
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "index.json").exists()
     with pytest.raises(UserError, match="did not finish"):
         PrivacyIndex.open(str(tmp_path))
 
