@@ -17,6 +17,7 @@ BENCHMARKS = {
     "train": "training speed: s/kimg of the real loop on this device",
     "scaling": "candidates/s with 1 vs N generator actors on Ray (scaling efficiency)",
     "suite": "every throughput and correctness figure in one time-boxed run (GPU: < 8 min)",
+    "index": "privacy index build time/memory, size and query cost as rows grow",
     "loader": "FR loader images/s from shards vs an image folder of the same images",
 }
 
