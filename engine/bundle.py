@@ -15,6 +15,7 @@ import torch
 
 from facegen.engine.dataset.codec import round_trip
 from facegen.engine.index.protocol import Index
+from facegen.engine.precision import Precision, recheck, reduced_embedder
 from facegen.engine.quality import Gate, no_gate
 from facegen.engine.seeding import Stream, draw_keys, normal
 from facegen.engine.spec import JobSpec
@@ -67,7 +68,8 @@ class Bundle:
         c = torch.from_numpy(conditions).to(self.device) if renderer.c_dim else None
         noise = self._noise(latent_keys)
         dtype = _DTYPES[self.spec.generator.dtype]
-        autocast = self.device.type == "cuda" and dtype != torch.float32
+        # fp16 only on CUDA; bf16 autocast also runs on CPUs (the reduced-precision path's CPU tests)
+        autocast = dtype != torch.float32 and (self.device.type == "cuda" or dtype == torch.bfloat16)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
             vis, nir = renderer.render(z, c, noise)
         return images_to_uint8(vis), None if nir is None else images_to_uint8(nir)
@@ -100,11 +102,9 @@ class Bundle:
             # Certify the pixels a reader will decode, not the ones before lossy compression; the shard
             # encodes `vis` with the same deterministic encoder, so it decodes to exactly `seen`.
             seen = lossy_round_trip(vis, output.image_format, output.jpeg_quality)
-        embedding = self.embedder.embed(seen).to(self.device, torch.float32)
-        sims, rows = self.index.max_similarity(embedding)
-        sims, rows = np.asarray(sims, np.float32), np.asarray(rows, np.int64)
+        embedding, sims, rows = self._embed_and_query(seen)
         if self.spec.privacy.check_nir and nir is not None:
-            nir_sims, nir_rows = self.index.max_similarity(self.embedder.embed(nir).to(self.device))
+            _, nir_sims, nir_rows = self._embed_and_query(nir)
             use_nir = np.asarray(nir_sims) > sims
             sims = np.where(use_nir, nir_sims, sims).astype(np.float32)
             rows = np.where(use_nir, nir_rows, rows).astype(np.int64)
@@ -118,6 +118,24 @@ class Bundle:
             real_sim=sims,
             real_row=rows,
         )
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.spec.embedder.dtype, self.spec.privacy.recheck_margin)
+
+    def _embed_and_query(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Embedding, max similarity and row of uint8 images; with a reduced-precision embedder, the
+        candidates near the privacy threshold are decided on their fp32 embedding (engine/precision.py)."""
+        precision = self.precision
+        embedder = reduced_embedder(self.embedder, precision.dtype)
+        embedding = embedder.embed(images).to(self.device, torch.float32)
+        sims, rows = self.index.max_similarity(embedding)
+        sims, rows = np.asarray(sims, np.float32), np.asarray(rows, np.int64)
+        if precision.reduced:
+            sims, rows, embedding, _ = recheck(sims, rows, embedding, images, self.embedder.embed,
+                                               self.index.max_similarity, self.spec.privacy.threshold,
+                                               precision.margin)
+        return embedding, sims, rows
 
 
 def lossy_round_trip(images: torch.Tensor, image_format: str, quality: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from facegen.engine.dataset.manifest import completed_shards
 from facegen.engine.dataset.reader import iter_dataset, read_manifest
 from facegen.engine.index.protocol import Index
 from facegen.engine.phases import Identities
+from facegen.engine.precision import Precision
 from facegen.engine.report import write_report
 from facegen.engine.spec import JobSpec, spec_hash
 from facegen.engine.storage import Storage
@@ -54,6 +55,8 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
             "threshold": spec.privacy.value,
             "separability_threshold": spec.privacy.separability,
             "check_nir": spec.privacy.check_nir,
+            # decisions within recheck_margin of the threshold were made on fp32 embeddings
+            **Precision.of(spec.embedder.dtype, spec.privacy.recheck_margin).certificate(),
             "max_real_similarity": float(real_sims.max()) if len(real_sims) else None,
             "violations": int((real_sims > spec.privacy.value).sum()),
         },
