@@ -84,7 +84,7 @@ QUICK = Plan(resolution=32, channel_base=256, channel_max=32, z_dim=32, c_dim=32
              embedder_depth=18, embedder_width=8, embedder_input=32, embedding_dim=32, correctness_batch=2,
              gallery=500, evaluate_batch=2, evaluate_candidates=4, evaluate_enrolled=500,
              privacy_sizes=(1000, 4000), privacy_queries=64, png_images=4, png_processes=1, min_seconds=0.0,
-             budgets={"environment": 10, "correctness": 30, "generator": 30, "embedder": 30, "evaluate": 30,
+             budgets={"environment": 10, "correctness": 30, "generator": 30, "embedder": 30, "evaluate": 60,
                       "privacy": 30, "png": 10, "end_to_end": 120})
 
 
@@ -421,9 +421,11 @@ class Suite:
                 if deadline.expired():
                     rows.append({"dtype": dtype, "skipped": "time budget"})
                     continue
+                # As a job runs it: reduced-precision generator and embedder, fp32 recheck near the threshold.
                 spec = build_spec({"batch_size": p.evaluate_batch, "generator": {"path": "-", "dtype": dtype},
-                                   "embedder": {"path": "-"}, "index": {"uri": "-"}, "output": {"uri": "-"}})
-                bundle = Bundle(generator, self.embedder_at(dtype), index, self.device, spec)
+                                   "embedder": {"path": "-", "dtype": dtype}, "privacy": {"threshold": 0.5},
+                                   "index": {"uri": "-"}, "output": {"uri": "-"}})
+                bundle = Bundle(generator, embedder, index, self.device, spec)
                 slots = np.arange(p.evaluate_candidates)
                 conditions, keys = conditions_for(bundle, slots), draw_keys(0, Stream.LATENT, slots, 0)
                 seconds = timed(lambda b=bundle, c=conditions, k=keys: b.evaluate(c, k), self.device,
