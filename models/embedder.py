@@ -191,11 +191,20 @@ class FaceEmbedder(ABC):
         self.weights_fingerprint = self._weights.hexdigest()
         self.fingerprint = fingerprint_from(self._weights, self.preprocessing)
 
+    def __getstate__(self) -> dict:
+        # The running weights hash cannot be pickled; a copy sent to another process (a Ray actor)
+        # keeps its fingerprints but cannot switch preprocessing any more.
+        state = self.__dict__.copy()
+        state.pop("_weights", None)
+        return state
+
     def _check_input_size(self, size: int) -> None:  # noqa: B027 - most backends take any size
         """Backends with a fixed input resolution refuse another one."""
 
     def set_preprocessing(self, pre: Preprocessing, note: str | None = None) -> FaceEmbedder:
         """Use another preprocessing with the same weights (the fingerprint follows)."""
+        if self._weights is None:
+            raise RuntimeError("set the preprocessing before the embedder is sent to another process")
         self._check_input_size(pre.input_size)
         self.preprocessing, self.input_size = pre, pre.input_size
         self.fingerprint = fingerprint_from(self._weights, pre)

@@ -344,3 +344,15 @@ def test_onnx_missing_runtime_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(UserError, match=r"'onnxruntime' package is missing: pip install facegen\[onnx\]"):
         OnnxEmbedder("any.onnx", Preprocessing())
+
+
+def test_pickled_embedder_keeps_fingerprints_and_outputs(embedder):
+    # Ray ships embedders to actors by pickling them; the running weights hash stays behind.
+    import pickle
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    copy = pickle.loads(pickle.dumps(embedder))
+    assert (copy.fingerprint, copy.weights_fingerprint) == (embedder.fingerprint, embedder.weights_fingerprint)
+    assert torch.equal(copy.embed(images), embedder.embed(images))
+    with pytest.raises(RuntimeError, match="before the embedder is sent"):
+        copy.set_preprocessing(Preprocessing(input_size=32))
