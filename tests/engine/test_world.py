@@ -126,7 +126,8 @@ def test_enrols_into_an_index_and_writes_features(world, tmp_path):
     embedder = str(tmp_path / "E.safetensors")
     assert main(["index", "build", str(tmp_path / "index"), "--images", str(world), "--embedder", embedder]) == 0
     info = PrivacyIndex.open(str(tmp_path / "index")).info
-    assert (info.count, info.num_identities) == (12, 4)
+    # index build enrols NIR/ beside VIS/: 4 identities x 3 samples, each as a VIS and a NIR image
+    assert (info.count, info.num_identities) == (24, 4)
     copy = tmp_path / "data"
     os.makedirs(copy)
     for sub in ("VIS", "NIR"):
