@@ -70,7 +70,8 @@ def _storage(run: Storage) -> tuple[str, Any]:
     return run.path(), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(run.fs))
 
 
-def _use_gpu(spec: TrainSpec) -> bool:
+def _use_gpu(spec: Any) -> bool:
+    """GPU workers when the spec asks for them (or `auto` finds one per worker); needs Ray initialised."""
     if spec.run.device == "cpu":
         return False
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -80,33 +81,46 @@ def _use_gpu(spec: TrainSpec) -> bool:
     return gpus >= spec.run.num_workers
 
 
-def make_trainer(spec: TrainSpec, prepared: Prepared, step_hook: StepHook | None = None) -> TorchTrainer:
+def make_torch_trainer(worker: Callable[[dict[str, Any]], None], spec: Any, run_uri: str, checkpoint_dir: str,
+                       step_hook: StepHook | None = None) -> TorchTrainer:
+    """A TorchTrainer running `worker` on every rank, configured from the parts every training spec has
+    (run: workers, device, CPUs, failures; output: storage options; schedule: checkpoints kept)."""
     use_gpu = _use_gpu(spec)
-    storage_path, filesystem = _storage(Storage(prepared.run_uri, spec.output.storage_options))
+    storage_path, filesystem = _storage(Storage(run_uri, spec.output.storage_options))
     resources = {"CPU": spec.run.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
-        _worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": prepared.run_uri, "use_gpu": use_gpu,
+        worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_uri": run_uri, "use_gpu": use_gpu,
                            "step_hook": step_hook},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.run.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=CHECKPOINT_DIR, storage_path=storage_path, storage_filesystem=filesystem,
+            name=checkpoint_dir, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.schedule.keep_checkpoints)),
     )
 
 
-def run_ray_training(spec: TrainSpec, prepared: Prepared, step_hook: StepHook | None = None) -> dict[str, Any]:
-    """Train on Ray (connecting to `run.address`, or an embedded local Ray); returns a summary."""
+def fit_on_ray(spec: Any, make: Callable[[], TorchTrainer]) -> Any:
+    """Connect to `run.address` (or start an embedded Ray), build the trainer there and fit it; a
+    worker's UserError comes back as itself."""
     if not ray.is_initialized():
         ray.init(address=spec.run.address, include_dashboard=False, configure_logging=False)
-    trainer = make_trainer(spec, prepared, step_hook)
+    trainer = make()
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise _user_error(err) or err from None
+
+
+def make_trainer(spec: TrainSpec, prepared: Prepared, step_hook: StepHook | None = None) -> TorchTrainer:
+    return make_torch_trainer(_worker, spec, prepared.run_uri, CHECKPOINT_DIR, step_hook)
+
+
+def run_ray_training(spec: TrainSpec, prepared: Prepared, step_hook: StepHook | None = None) -> dict[str, Any]:
+    """Train on Ray (connecting to `run.address`, or an embedded local Ray); returns a summary."""
+    result = fit_on_ray(spec, lambda: make_trainer(spec, prepared, step_hook))
     metrics = dict(result.metrics or {})
     return {"run_dir": prepared.run_uri, "kimg": metrics.get("kimg"), "ticks": metrics.get("tick"),
             "checkpoint": result.checkpoint.path if result.checkpoint is not None else None, "metrics": metrics}
