@@ -16,13 +16,13 @@ import torch
 from facegen.engine.anonymise.rank import RankJob, RunTasks, Scorer, Task
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.generator import Generator
-from facegen.models.latent_space import LatentSpace
+from facegen.models.rendering import open_latent_spaces
 
 
 class RankWorker:
     def __init__(self, generator: Generator, embedder: FaceEmbedder, job: RankJob, num_threads: int) -> None:
         torch.set_num_threads(num_threads)
-        self.scorer = Scorer(LatentSpace(generator), embedder, job)
+        self.scorer = Scorer(open_latent_spaces(generator), embedder, job)
 
     def run(self, task: Task) -> tuple[np.ndarray, np.ndarray]:
         return self.scorer.run(task)

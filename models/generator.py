@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import torch
 
+from facegen.models.errors import UserError
+from facegen.models.latent_space import SPACES, Layout
 from facegen.models.layers import MappingNetwork
 from facegen.models.netconfig import config_from_dict, is_int, is_number, is_pow2, require
 from facegen.models.synthesis import NOISE_MODES, SynthesisNetwork
@@ -134,6 +136,10 @@ class StyleGAN2Renderer:
     def __init__(self, generator: Generator, settings: StyleGAN2Settings = StyleGAN2Settings()) -> None:
         self.generator, self.settings = generator, settings
         self.z_dim, self.c_dim = generator.z_dim, generator.c_dim
+        self.num_ws, self.w_dim = generator.num_ws, generator.w_dim
+        self.resolution = generator.img_resolution
+        self.has_nir = generator.nir_channels > 0
+        self._layouts: dict[str, Layout] = {}
 
     @classmethod
     def from_settings(cls, generator: Generator, settings: Mapping[str, Any]) -> StyleGAN2Renderer:
@@ -142,12 +148,48 @@ class StyleGAN2Renderer:
     def noise_shapes(self) -> dict[str, tuple[int, int]]:
         return self.generator.synthesis.noise_shapes() if self.settings.noise_mode == "random" else {}
 
-    def w_plus(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    # -- W+ and StyleSpace (models.rendering.LatentSpaces) ---------------------------------------
+    def w_plus(self, z: torch.Tensor, c: torch.Tensor | None, truncation_psi: float | None = None) -> torch.Tensor:
         s = self.settings
-        return self.generator.mapping(z, c, truncation_psi=s.truncation_psi, truncation_cutoff=s.truncation_cutoff)
+        psi = s.truncation_psi if truncation_psi is None else truncation_psi
+        return self.generator.mapping(z, c if self.c_dim else None, truncation_psi=psi,
+                                      truncation_cutoff=s.truncation_cutoff)
+
+    def mean_ws(self, count: int = 1) -> torch.Tensor:
+        w_avg = self.generator.mapping.w_avg.detach().to(torch.float32)
+        return w_avg.view(1, 1, -1).repeat(count, self.num_ws, 1)
 
     def style_space(self, ws: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.generator.synthesis.compute_styles(ws)
+
+    def layout(self, space: str) -> Layout:
+        if space not in SPACES:
+            raise UserError(f"latent space: {space!r} is not one of {SPACES}")
+        if space not in self._layouts:
+            if space == "wplus":
+                names, widths = tuple(f"w{i}" for i in range(self.num_ws)), (self.w_dim,) * self.num_ws
+            else:
+                synthesis = self.generator.synthesis
+                names = tuple(synthesis.style_names())
+                widths = tuple(getattr(getattr(synthesis, n.split(".")[0]), n.split(".")[1]).affine.out_features
+                               for n in names)
+            self._layouts[space] = Layout(space, names, widths)
+        return self._layouts[space]
+
+    def encode(self, space: str, ws: torch.Tensor) -> torch.Tensor:
+        if space == "wplus":
+            return ws.reshape(ws.shape[0], -1)
+        styles = self.style_space(ws)
+        return torch.cat([styles[n] for n in self.layout("style").names], dim=1)
+
+    def render_codes(self, space: str, codes: torch.Tensor,
+                     noise: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if space == "wplus":
+            return self.render_w_plus(codes.reshape(codes.shape[0], self.num_ws, self.w_dim), noise)
+        layout = self.layout(space)
+        styles = dict(zip(layout.names, codes.split(list(layout.widths), dim=1)))
+        # Every affine is replaced by the given styles, so the ws only provide the batch size.
+        return self.render_w_plus(codes.new_zeros(codes.shape[0], self.num_ws, self.w_dim), noise, styles)
 
     def render_w_plus(self, ws: torch.Tensor, noise: dict[str, torch.Tensor] | None = None,
                       styles: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,8 +1,8 @@
-"""W+ and StyleSpace of every generator facegen loads, behind one interface.
+"""Flat codes of a generator's latent spaces: layouts, swap units and the swap itself.
 
-Both families become our `Generator` when loaded: ArcBiFaceGAN (VIS + NIR heads, conditional) and
-rosinality / StyleID StyleGAN2 checkpoints (`models.importers.rosinality`: no NIR, unconditional,
-`latent_avg` as `w_avg`). So one wrapper serves both:
+The spaces themselves are the family's `models.rendering.LatentSpaces` (for StyleGAN2 its
+`StyleGAN2Renderer`, which serves both families facegen loads: ArcBiFaceGAN and rosinality / StyleID
+checkpoints, imported as our `Generator`):
 
 - **W+** is `ws [N, num_ws, w_dim]`: one w per modulated layer group, as `G.mapping` returns it.
 - **StyleSpace** (Wu et al., "StyleSpace Analysis", CVPR 2021) is the per-layer modulation vectors
@@ -13,11 +13,6 @@ Both spaces are handled as *flat codes* `[N, D]` plus a `Layout` that says which
 vector belongs to which layer. A coordinate is (layer, channel); a *unit* is a contiguous run of
 channels inside one layer (one channel, a group of channels, or a whole layer). Swapping units
 between two codes is then one `torch.where` over a flat mask, whatever the space.
-
-Rendering, mapping and StyleSpace go through the family's `LatentSpaces` implementation
-(`models.rendering`; for StyleGAN2 `StyleGAN2Renderer`), with constant noise (`noise_mode='const'`)
-so that a swap is the only thing that changes between two renders: the disentanglement metric
-compares images pixel for pixel.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ import numpy as np
 import torch
 
 from facegen.models.errors import UserError
-from facegen.models.generator import Generator, StyleGAN2Renderer, StyleGAN2Settings
 
 SPACES = ("wplus", "style")
 
@@ -110,101 +104,6 @@ def _unit_columns(units: np.ndarray) -> np.ndarray:
     for i in range(1, len(units)):
         column[i] = column[i - 1] + 1 if units[i, 0] == units[i - 1, 0] else 0
     return column
-
-
-class LatentSpace:
-    """Map, encode, decode and render through W+ or StyleSpace of a loaded `Generator`."""
-
-    def __init__(self, generator: Generator) -> None:
-        if not isinstance(generator, Generator):
-            raise UserError(f"latent space: expected a facegen Generator, got {type(generator).__name__}")
-        self.generator = generator.eval().requires_grad_(False)
-        self.synthesis = generator.synthesis
-        # Constant noise; the shared-weight NHWC convolution, facegen's fastest CPU path at these batches.
-        self.renderer = StyleGAN2Renderer(generator, StyleGAN2Settings(noise_mode="const", modulated_conv="shared"))
-        names = tuple(self.synthesis.style_names())
-        affines = {n: self._style_layer(n).affine.out_features for n in names}
-        self.layouts = {
-            "wplus": Layout("wplus", tuple(f"w{i}" for i in range(generator.num_ws)),
-                            (generator.w_dim,) * generator.num_ws),
-            "style": Layout("style", names, tuple(affines[n] for n in names)),
-        }
-
-    def _style_layer(self, name: str) -> torch.nn.Module:
-        block, layer = name.split(".")
-        return getattr(getattr(self.synthesis, block), layer)
-
-    # -- properties of the generator ----------------------------------------------------------
-    @property
-    def num_ws(self) -> int:
-        return self.generator.num_ws
-
-    @property
-    def w_dim(self) -> int:
-        return self.generator.w_dim
-
-    @property
-    def z_dim(self) -> int:
-        return self.generator.z_dim
-
-    @property
-    def c_dim(self) -> int:
-        return self.generator.c_dim
-
-    @property
-    def resolution(self) -> int:
-        return self.generator.img_resolution
-
-    @property
-    def has_nir(self) -> bool:
-        return self.generator.nir_channels > 0
-
-    @property
-    def w_avg(self) -> torch.Tensor:
-        return self.generator.mapping.w_avg
-
-    def layout(self, space: str) -> Layout:
-        if space not in self.layouts:
-            raise UserError(f"latent space: {space!r} is not one of {SPACES}")
-        return self.layouts[space]
-
-    # -- codes ----------------------------------------------------------------------------------
-    def map(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1.0) -> torch.Tensor:
-        """(z, c) -> ws [N, num_ws, w_dim]."""
-        renderer = StyleGAN2Renderer(self.generator, StyleGAN2Settings(truncation_psi=truncation_psi))
-        with torch.no_grad():
-            return renderer.w_plus(z, c if self.c_dim else None)
-
-    def mean_ws(self, count: int = 1) -> torch.Tensor:
-        """The average w broadcast to W+ (where projection starts): [count, num_ws, w_dim]."""
-        return self.w_avg.detach().to(torch.float32).view(1, 1, -1).repeat(count, self.num_ws, 1)
-
-    def encode(self, space: str, ws: torch.Tensor) -> torch.Tensor:
-        """ws -> flat codes [N, D] of `space` (StyleSpace codes are the affine outputs)."""
-        if space == "wplus":
-            return ws.reshape(ws.shape[0], -1)
-        styles = self.renderer.style_space(ws)
-        return torch.cat([styles[n] for n in self.layout("style").names], dim=1)
-
-    def ws_of(self, space: str, codes: torch.Tensor) -> torch.Tensor | None:
-        """The ws a flat code carries (W+), None for StyleSpace (whose codes replace every affine)."""
-        return codes.reshape(codes.shape[0], self.num_ws, self.w_dim) if space == "wplus" else None
-
-    def render(self, space: str, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Flat codes -> (vis [N, C, R, R], nir [N, 1, R, R] or None), float in about [-1, 1].
-
-        Differentiable (callers wrap it in no_grad when they do not optimise)."""
-        if space == "wplus":
-            return self.renderer.render_w_plus(self.ws_of(space, codes))
-        layout = self.layout("style")
-        parts = codes.split(list(layout.widths), dim=1)
-        styles = dict(zip(layout.names, parts))
-        # Every affine is replaced by the given styles, so the ws only provide the batch size.
-        ws = codes.new_zeros(codes.shape[0], self.num_ws, self.w_dim)
-        return self.renderer.render_w_plus(ws, styles=styles)
-
-    def render_ws(self, ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.render("wplus", ws.reshape(ws.shape[0], -1))
 
 
 def swap(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from facegen.engine.seeding import Stream, draw_keys, normal, random_directions
-from facegen.models.latent_space import LatentSpace
+from facegen.models.rendering import LatentSpaces
 
 CONDITION_NORM = 4.0  # ArcBiFaceGAN's generation script: c = 4 · normalize(randn(512))
 
 
-def face_ws(space: LatentSpace, seed: int, stream: Stream, slots: np.ndarray, tries: np.ndarray | int = 0,
+def face_ws(space: LatentSpaces, seed: int, stream: Stream, slots: np.ndarray, tries: np.ndarray | int = 0,
             truncation_psi: float = 0.7) -> torch.Tensor:
     """W+ codes [len(slots), num_ws, w_dim] of seeded faces."""
     slots = np.asarray(slots, dtype=np.int64)
@@ -27,4 +27,5 @@ def face_ws(space: LatentSpace, seed: int, stream: Stream, slots: np.ndarray, tr
     if space.c_dim:
         keys = draw_keys(seed, stream, slots, 2 * tries)
         c = torch.from_numpy(random_directions(keys, space.c_dim, CONDITION_NORM))
-    return space.map(z, c, truncation_psi=truncation_psi)
+    with torch.no_grad():
+        return space.w_plus(z, c, truncation_psi=truncation_psi)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from facegen.models.embedder import FaceEmbedder, TorchEmbedder
-from facegen.models.latent_space import LatentSpace
+from facegen.models.rendering import LatentSpaces
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
         return (10.0 * np.log10(255.0**2 / mse.double().numpy())).astype(np.float64)
 
 
-def project(space: LatentSpace, embedder: FaceEmbedder, photos: torch.Tensor, settings: ProjectionSettings
+def project(space: LatentSpaces, embedder: FaceEmbedder, photos: torch.Tensor, settings: ProjectionSettings
             ) -> tuple[torch.Tensor, np.ndarray]:
     """uint8 photos [N, 3, R, R] at the generator's resolution -> (W+ codes [N, num_ws, w_dim], PSNR dB [N]).
 
@@ -62,7 +62,7 @@ def project(space: LatentSpace, embedder: FaceEmbedder, photos: torch.Tensor, se
         lr = settings.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
         for group in optimiser.param_groups:
             group["lr"] = lr
-        vis, _ = space.render_ws(ws)
+        vis, _ = space.render_w_plus(ws)
         loss = (vis - target).square().flatten(1).mean(dim=1)
         if use_identity:
             similarity = (embedder.embed_differentiable(vis) * target_embedding).sum(dim=1)
@@ -74,4 +74,4 @@ def project(space: LatentSpace, embedder: FaceEmbedder, photos: torch.Tensor, se
     with torch.no_grad():
         from facegen.models.generator import images_to_uint8
 
-        return ws, psnr(images_to_uint8(space.render_ws(ws)[0]), photos)
+        return ws, psnr(images_to_uint8(space.render_w_plus(ws)[0]), photos)

@@ -28,7 +28,8 @@ from facegen.engine.anonymise.metric import Metric, identity_change
 from facegen.engine.seeding import Stream
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError
-from facegen.models.latent_space import SPACES, LatentSpace
+from facegen.models.latent_space import SPACES
+from facegen.models.rendering import LatentSpaces
 
 LAYER = 0  # unit width meaning "the whole layer"
 
@@ -77,14 +78,14 @@ class Task:
     stop: int
 
 
-def units_of(space: LatentSpace, name: str, width: int) -> np.ndarray:
+def units_of(space: LatentSpaces, name: str, width: int) -> np.ndarray:
     return space.layout(name).units(None if width == LAYER else width)
 
 
 class Scorer:
     """Runs rank tasks on one (generator, embedder) pair; a Ray actor wraps one of these."""
 
-    def __init__(self, space: LatentSpace, embedder: FaceEmbedder, job: RankJob) -> None:
+    def __init__(self, space: LatentSpaces, embedder: FaceEmbedder, job: RankJob) -> None:
         self.space, self.embedder, self.job = space, embedder, job
 
     def pair_ws(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +104,7 @@ class Scorer:
         masks = space.layout(task.space).unit_masks(units_of(space, task.space, task.width))
         source_emb, source_low = [], []
         for part in source.split(batch):
-            vis, _ = space.render(task.space, part)
+            vis, _ = space.render_codes(task.space, part)
             source_emb.append(self.embedder.embed(vis).cpu())
             source_low.append(metric.lowpass(vis))
         source_emb, source_low = torch.cat(source_emb), torch.cat(source_low)
@@ -113,7 +114,7 @@ class Scorer:
         for items in flat.split(batch):
             pair, unit = items // num_units, items % num_units
             codes = torch.where(masks[unit], target[pair], source[pair])
-            vis, _ = space.render(task.space, codes)
+            vis, _ = space.render_codes(task.space, codes)
             ids.append(identity_change(source_emb[pair], self.embedder.embed(vis).cpu()))
             looks.append(metric.appearance_change(source_low[pair], vis))
         shape = (num_pairs, num_units)
@@ -136,7 +137,7 @@ def run_locally(scorer: Scorer, progress: Callable[[int, int], None] | None = No
     return run
 
 
-def rank(space: LatentSpace, embedder: FaceEmbedder, job: RankJob, run_tasks: RunTasks | None = None
+def rank(space: LatentSpaces, embedder: FaceEmbedder, job: RankJob, run_tasks: RunTasks | None = None
          ) -> pa.Table:
     """The rank table of every (space, unit width) of the job; `run_tasks` defaults to this process."""
     tasks = job.tasks()
@@ -152,7 +153,7 @@ def rank(space: LatentSpace, embedder: FaceEmbedder, job: RankJob, run_tasks: Ru
     return _with_metadata(pa.concat_tables(tables), space, embedder, job)
 
 
-def _table(space: LatentSpace, name: str, width: int, ids: np.ndarray, looks: np.ndarray, score: np.ndarray
+def _table(space: LatentSpaces, name: str, width: int, ids: np.ndarray, looks: np.ndarray, score: np.ndarray
            ) -> pa.Table:
     units = units_of(space, name, width)
     layout = space.layout(name)
@@ -170,7 +171,7 @@ def _table(space: LatentSpace, name: str, width: int, ids: np.ndarray, looks: np
     })
 
 
-def _with_metadata(table: pa.Table, space: LatentSpace, embedder: FaceEmbedder, job: RankJob) -> pa.Table:
+def _with_metadata(table: pa.Table, space: LatentSpaces, embedder: FaceEmbedder, job: RankJob) -> pa.Table:
     meta = {"job": job.to_dict(), "embedder_fingerprint": embedder.fingerprint,
             "generator": {"num_ws": space.num_ws, "w_dim": space.w_dim, "resolution": space.resolution,
                           "style_layers": list(space.layout("style").names)}}
@@ -214,7 +215,7 @@ def top_units(table: pa.Table, space: str, width: int, n: int) -> np.ndarray:
 
 
 # -- StyleID's .npy arrays -------------------------------------------------------------------------
-def to_grid(table: pa.Table, space: LatentSpace, name: str, width: int) -> np.ndarray:
+def to_grid(table: pa.Table, space: LatentSpaces, name: str, width: int) -> np.ndarray:
     """Scores as a 2-D float array [layer, channel | group] (StyleID's channels_rank.npy convention;
     higher = more identity per appearance), NaN where a layer has fewer units than the widest."""
     rows = select(table, name, width)
@@ -226,7 +227,7 @@ def to_grid(table: pa.Table, space: LatentSpace, name: str, width: int) -> np.nd
     return space.layout(name).to_grid(rows.column("score").to_numpy()[order], units)
 
 
-def from_grid(grid: np.ndarray, space: LatentSpace, name: str, width: int) -> pa.Table:
+def from_grid(grid: np.ndarray, space: LatentSpaces, name: str, width: int) -> pa.Table:
     """A rank table from a [layer, channel | group] array. Float arrays are scores (higher first);
     integer arrays are rank positions (0 first), turned into scores by negation."""
     grid = np.asarray(grid)

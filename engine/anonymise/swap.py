@@ -17,7 +17,8 @@ from facegen.engine.anonymise.metric import Metric, identity_change
 from facegen.engine.seeding import Stream, draw_keys, uniform
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError
-from facegen.models.latent_space import LatentSpace, Layout, swap
+from facegen.models.latent_space import Layout, swap
+from facegen.models.rendering import LatentSpaces
 
 
 def layer_units(layout: Layout, layers: list[int]) -> np.ndarray:
@@ -49,7 +50,7 @@ class Swapped:
 class Swapper:
     """Renders sources, swaps masks of units in from targets, measures identity and appearance change."""
 
-    def __init__(self, space: LatentSpace, embedder: FaceEmbedder, metric: Metric | None = None,
+    def __init__(self, space: LatentSpaces, embedder: FaceEmbedder, metric: Metric | None = None,
                  batch_size: int = 32) -> None:
         self.space, self.embedder = space, embedder
         self.metric, self.batch_size = metric or Metric(), batch_size
@@ -59,7 +60,7 @@ class Swapper:
         """(embeddings, low-pass images) of the source codes."""
         embs, lows = [], []
         for part in codes.split(self.batch_size):
-            vis, _ = self.space.render(name, part)
+            vis, _ = self.space.render_codes(name, part)
             embs.append(self.embedder.embed(vis).cpu())
             lows.append(self.metric.lowpass(vis))
         return torch.cat(embs), torch.cat(lows)
@@ -72,7 +73,7 @@ class Swapper:
         mask = mask.expand(len(source), -1) if mask.ndim == 1 else mask
         vis, nir, embs, looks = [], [], [], []
         for rows in torch.arange(len(source)).split(self.batch_size):
-            image, second = self.space.render(name, swap(source[rows], target[rows], mask[rows]))
+            image, second = self.space.render_codes(name, swap(source[rows], target[rows], mask[rows]))
             vis.append(image)
             nir.append(second)
             embs.append(self.embedder.embed(image).cpu())

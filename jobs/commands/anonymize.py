@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     from facegen.engine.index.search import PrivacyIndex
     from facegen.engine.progress import progress_callback
     from facegen.engine.storage import Storage
-    from facegen.models.latent_space import LatentSpace
     from facegen.models.loading import load_generator
+    from facegen.models.rendering import open_latent_spaces
 
     if args.layers and args.space != "wplus":
         raise UserError("--layers swaps whole W+ layers; use it with --space wplus")
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, truncation_psi=args.truncation, batch_size=args.batch,
                        samples_per_shard=args.samples_per_shard, threshold=args.threshold,
                        max_tries=args.max_tries, metric=Metric(lowpass_size=args.lowpass))
-    space = LatentSpace(load_generator(args.generator))
+    space = open_latent_spaces(load_generator(args.generator))
     index = PrivacyIndex.open(args.index) if args.index else None
     # With an index, the same weights default to the preprocessing it was built with.
     embedder = embedder_for_index(args.embedder, preprocessing_flags(args), index.info if index else None)

@@ -120,8 +120,8 @@ def _progress(label: str):
 def run_rank(args: argparse.Namespace) -> int:
     from facegen.engine.anonymise.metric import Metric
     from facegen.engine.anonymise.rank import RankJob, Scorer, rank, ranks_bytes, run_locally
-    from facegen.models.latent_space import LatentSpace
     from facegen.models.loading import load_embedder, load_generator
+    from facegen.models.rendering import open_latent_spaces
 
     job = RankJob(spaces=args.space, widths=args.widths, pairs=args.pairs, seed=args.seed,
                   truncation_psi=args.truncation, batch_size=args.batch, pairs_per_task=args.pairs_per_task,
@@ -130,7 +130,7 @@ def run_rank(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: the rank table is a .parquet file")
     generator, embedder = load_generator(args.generator), load_embedder(args.embedder, **preprocessing_flags(args))
     print_notes(embedder)
-    space = LatentSpace(generator)
+    space = open_latent_spaces(generator)
     progress = _progress("disentangle rank")
     if args.executor == "ray":
         from facegen.cluster.disentangle import run_on_ray
@@ -159,10 +159,10 @@ def _print_top(table, name: str, width: int, count: int = 5) -> None:
 
 
 def _space(path: str):
-    from facegen.models.latent_space import LatentSpace
     from facegen.models.loading import load_generator
+    from facegen.models.rendering import open_latent_spaces
 
-    return LatentSpace(load_generator(path))
+    return open_latent_spaces(load_generator(path))
 
 
 def run_export(args: argparse.Namespace) -> int:

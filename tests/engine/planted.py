@@ -19,7 +19,7 @@ import torch
 
 from facegen.models.embedder import Preprocessing, TorchEmbedder
 from facegen.models.generator import Generator, GeneratorConfig
-from facegen.models.latent_space import LatentSpace
+from facegen.models.rendering import LatentSpaces, open_latent_spaces
 
 RESOLUTION = 16
 PLANTED = (5, 11, 2)  # W+ channels of the last row, strongest identity first
@@ -58,16 +58,16 @@ def planted_generator(seed: int = 0) -> Generator:
     return G.eval().requires_grad_(False)
 
 
-def planted_directions(space: LatentSpace) -> torch.Tensor:
+def planted_directions(space: LatentSpaces) -> torch.Tensor:
     """Unit image directions [len(PLANTED), 3 * R * R] that each planted channel moves the image along."""
     ws = space.mean_ws(1)
     directions = []
     with torch.no_grad():
-        base, _ = space.render_ws(ws)
+        base, _ = space.render_w_plus(ws)
         for channel in PLANTED:
             moved = ws.clone()
             moved[:, -1, channel] += 10.0
-            diff = (space.render_ws(moved)[0] - base).flatten()
+            diff = (space.render_w_plus(moved)[0] - base).flatten()
             directions.append(diff / diff.norm())
     return torch.stack(directions)
 
@@ -94,9 +94,9 @@ class PlantedRecogniser(torch.nn.Module):
         return torch.cat([out[:, :len(PLANTED)] + planted, out[:, len(PLANTED):]], dim=1)
 
 
-def planted_pair() -> tuple[LatentSpace, TorchEmbedder]:
-    space = LatentSpace(planted_generator())
+def planted_pair() -> tuple[LatentSpaces, TorchEmbedder]:
+    space = open_latent_spaces(planted_generator())
     with torch.no_grad():
-        average_face = space.render_ws(space.mean_ws(1))[0]
+        average_face = space.render_w_plus(space.mean_ws(1))[0]
     module = PlantedRecogniser(planted_directions(space), average_face)
     return space, TorchEmbedder(module, Preprocessing(input_size=RESOLUTION), dim=EMBEDDING_DIM)

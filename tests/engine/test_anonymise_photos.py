@@ -25,14 +25,14 @@ def test_projection_recovers_an_image_generated_from_a_known_wplus():
     space, embedder = planted_pair()
     ws = face_ws(space, 3, Stream.SWAP_SOURCE, np.arange(2))
     with torch.no_grad():
-        photos = images_to_uint8(space.render_ws(ws)[0])
+        photos = images_to_uint8(space.render_w_plus(ws)[0])
     _, start = project(space, embedder, photos, ProjectionSettings(steps=0))
     found, quality = project(space, embedder, photos, ProjectionSettings(steps=40, learning_rate=0.1))
     assert found.shape == ws.shape
     assert (quality >= PROJECTION_PSNR_DB).all(), quality
     assert (start < PROJECTION_PSNR_DB - 8).all(), start  # the average face is far from both
     with torch.no_grad():
-        again = images_to_uint8(space.render_ws(found)[0])
+        again = images_to_uint8(space.render_w_plus(found)[0])
     np.testing.assert_array_equal(psnr(again, photos), quality)
 
 

@@ -17,8 +17,8 @@ from facegen.engine.seeding import Stream
 from facegen.engine.storage import Storage
 from facegen.jobs.cli import main
 from facegen.models.checkpoint import save_native
-from facegen.models.latent_space import LatentSpace
 from facegen.models.loading import load_embedder, load_generator
+from facegen.models.rendering import open_latent_spaces
 from tests.engine.tiny import make_index, real_population, tiny_embedder, tiny_generator
 
 
@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     save_native(generator, folder / "G.safetensors")
     save_native(embedder.module, folder / "E.safetensors")
     make_index(str(folder / "index"), embedder, real_population(generator, embedder, 20))
-    space, emb = LatentSpace(load_generator(folder / "G.safetensors")), load_embedder(folder / "E.safetensors")
+    space, emb = open_latent_spaces(load_generator(folder / "G.safetensors")), load_embedder(folder / "E.safetensors")
     (folder / "ranks.parquet").write_bytes(ranks_bytes(rank(space, emb, RankJob(widths=(0,), pairs=2))))
     return folder, space, emb
 
@@ -64,7 +64,7 @@ def test_generated_faces_are_swapped_certified_written_and_resumed(setup, tmp_pa
     sample = samples[row.key]
     source_ws = face_ws(space, 0, Stream.SWAP_SOURCE, np.array([row.label]), 0, 0.7)
     with torch.no_grad():
-        source_emb = emb.embed(space.render_ws(source_ws)[0])
+        source_emb = emb.embed(space.render_w_plus(source_ws)[0])
     written = emb.embed(torch.from_numpy(sample.vis.copy()).permute(2, 0, 1)[None])
     assert float((written * source_emb).sum()) == pytest.approx(row.source_similarity, abs=1e-5)
     assert sample.nir is not None and sample.meta["target_try"] == row.target_try
@@ -97,7 +97,7 @@ def test_given_latents_and_targets_and_whole_layer_swaps(setup, tmp_path):
     expected = sources[2].copy()
     expected[2:4] = targets[0][2:4]
     with torch.no_grad():
-        vis = space.render_ws(torch.from_numpy(expected)[None])[0]
+        vis = space.render_w_plus(torch.from_numpy(expected)[None])[0]
     from facegen.models.generator import images_to_uint8
 
     assert np.array_equal(samples[2].vis, images_to_uint8(vis)[0].permute(1, 2, 0).numpy())

@@ -19,7 +19,7 @@ from facegen.engine.storage import Storage
 from facegen.jobs.cli import main
 from facegen.models.checkpoint import save_native
 from facegen.models.generator import images_to_uint8
-from facegen.models.latent_space import LatentSpace
+from facegen.models.rendering import open_latent_spaces
 from tests.engine.tiny import make_index, real_population, tiny_embedder, tiny_generator
 
 THRESHOLD = 0.99
@@ -33,13 +33,13 @@ def photos_job(tmp_path_factory):
     generator, embedder = tiny_generator(), tiny_embedder()
     save_native(generator, folder / "G.safetensors")
     save_native(embedder.module, folder / "E.safetensors")
-    space = LatentSpace(generator)
+    space = open_latent_spaces(generator)
     (folder / "ranks.parquet").write_bytes(ranks_bytes(rank(space, embedder, RankJob(widths=(0,), pairs=1))))
     photos = folder / "photos"
     photos.mkdir()
     Image.fromarray(data.astronaut()).save(photos / "astronaut.png")  # a real portrait, 512²
     with torch.no_grad():
-        faces = images_to_uint8(space.render_ws(face_ws(space, 11, Stream.SWAP_SOURCE, np.arange(3)))[0])
+        faces = images_to_uint8(space.render_w_plus(face_ws(space, 11, Stream.SWAP_SOURCE, np.arange(3)))[0])
     for i, face in enumerate(faces):
         Image.fromarray(face.permute(1, 2, 0).numpy()).save(photos / f"face{i}.png")
     # The index enrols the people in the photos (their photo embeddings) among stand-ins.

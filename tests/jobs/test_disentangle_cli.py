@@ -9,8 +9,8 @@ from facegen.engine.anonymise.metric import Metric
 from facegen.engine.anonymise.rank import RankJob, rank, read_ranks, top_units
 from facegen.jobs.cli import main
 from facegen.models.checkpoint import save_native
-from facegen.models.latent_space import LatentSpace
 from facegen.models.loading import load_embedder, load_generator
+from facegen.models.rendering import open_latent_spaces
 from tests.engine.tiny import tiny_embedder, tiny_generator
 
 
@@ -30,7 +30,7 @@ def test_rank_writes_the_engines_table_and_round_trips_styleid_arrays(models, tm
     assert main(args) == 0
     assert "wplus width layer: top 5" in capsys.readouterr().out
     table = read_ranks(open(out, "rb").read())
-    space, emb = LatentSpace(load_generator(generator)), load_embedder(embedder)
+    space, emb = open_latent_spaces(load_generator(generator)), load_embedder(embedder)
     job = RankJob(spaces=("wplus", "style"), widths=(0,), pairs=2, pairs_per_task=1, metric=Metric())
     assert table.equals(rank(space, emb, job))
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from facegen.models.errors import UserError
-from facegen.models.latent_space import LatentSpace, swap
+from facegen.models.latent_space import swap
 from facegen.models.loading import load_generator
+from facegen.models.rendering import LatentSpaces, open_latent_spaces
 from tests.models.stylegan_fixtures import tiny_generator
 from tests.models.test_rosinality import make_rosinality_state
 
@@ -25,14 +26,14 @@ def _rosinality(tmp_path, latent_avg: bool = True, **kwargs):
 @pytest.fixture(params=["arcbifacegan", "rosinality"])
 def space(request, tmp_path):
     generator = tiny_generator(seed=0) if request.param == "arcbifacegan" else _rosinality(tmp_path)
-    return LatentSpace(generator)
+    return open_latent_spaces(generator)
 
 
-def _ws(space: LatentSpace, n: int = 3) -> torch.Tensor:
+def _ws(space: LatentSpaces, n: int = 3) -> torch.Tensor:
     gen = torch.Generator().manual_seed(7)
     z = torch.randn(n, space.z_dim, generator=gen)
     c = torch.randn(n, space.c_dim, generator=gen) if space.c_dim else None
-    return space.map(z, c, truncation_psi=0.7)
+    return space.w_plus(z, c, truncation_psi=0.7)
 
 
 def test_wplus_and_style_codes_render_the_generators_own_images(space):
@@ -42,7 +43,7 @@ def test_wplus_and_style_codes_render_the_generators_own_images(space):
         for name in ("wplus", "style"):
             codes = space.encode(name, ws)
             assert codes.shape == (3, space.layout(name).size)
-            vis, nir = space.render(name, codes)
+            vis, nir = space.render_codes(name, codes)
             assert torch.equal(vis, expected_vis), name
             assert (nir is None) == (expected_nir is None) == (not space.has_nir)
             if nir is not None:
@@ -93,7 +94,7 @@ def test_units_masks_and_rank_grids_round_trip():
 
 
 def test_rosinality_latent_avg_is_the_projection_start(tmp_path):
-    space = LatentSpace(_rosinality(tmp_path))
+    space = open_latent_spaces(_rosinality(tmp_path))
     start = space.mean_ws(2)
     assert start.shape == (2, space.num_ws, space.w_dim)
     assert torch.equal(start, torch.full_like(start, 0.25))
@@ -103,7 +104,7 @@ def test_styleid_format_1024_checkpoint_loads_and_runs_on_cpu(tmp_path):
     # StyleID's generator: rosinality g_ema at 1024² (18 ws) with latent_avg. Narrow channels keep the
     # test fast; resolution, layer count and naming are the real ones.
     channels = {2**k: 8 for k in range(2, 11)}
-    space = LatentSpace(_rosinality(tmp_path, size=1024, channels=channels, style_dim=16, n_mlp=8))
+    space = open_latent_spaces(_rosinality(tmp_path, size=1024, channels=channels, style_dim=16, n_mlp=8))
     assert (space.resolution, space.num_ws, space.c_dim, space.has_nir) == (1024, 18, 0, False)
     ws = space.mean_ws(1)
     target = _ws(space, 1)
@@ -111,5 +112,5 @@ def test_styleid_format_1024_checkpoint_loads_and_runs_on_cpu(tmp_path):
     layout = space.layout("wplus")
     mask = layout.mask(np.array([[layer, 0, space.w_dim] for layer in range(5, 10)]))
     with torch.no_grad():
-        vis, nir = space.render("wplus", swap(space.encode("wplus", ws), space.encode("wplus", target), mask))
+        vis, nir = space.render_codes("wplus", swap(space.encode("wplus", ws), space.encode("wplus", target), mask))
     assert vis.shape == (1, 3, 1024, 1024) and nir is None and torch.isfinite(vis).all()
