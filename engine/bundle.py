@@ -17,6 +17,7 @@ from facegen.engine.dataset.codec import round_trip
 from facegen.engine.index.protocol import Index
 from facegen.engine.precision import Precision, recheck, reduced_embedder
 from facegen.engine.quality import Gate, no_gate
+from facegen.engine.repair import Repair, SwapTargets
 from facegen.engine.seeding import Stream, draw_keys, normal
 from facegen.engine.spec import JobSpec
 from facegen.models.embedder import FaceEmbedder
@@ -37,6 +38,15 @@ class Candidates:
     real_sim: np.ndarray  # float32 [N]: max cosine to any enrolled image (VIS, and NIR if checked)
     real_row: np.ndarray  # int64 [N]: the enrolled row that achieved it
 
+    def put(self, rows: np.ndarray, other: Candidates) -> None:
+        """Replace the given rows by `other`'s (in order): a repaired candidate takes a rejected one's place."""
+        self.vis[rows] = other.vis
+        if self.nir is not None:
+            self.nir[rows] = other.nir
+        self.embedding[torch.from_numpy(rows).to(self.embedding.device)] = other.embedding
+        self.real_sim[rows] = other.real_sim
+        self.real_row[rows] = other.real_row
+
 
 @dataclass
 class Bundle:
@@ -51,18 +61,22 @@ class Bundle:
     spec: JobSpec
     gate: Gate = field(default=no_gate)
     renderer: ImageGenerator = field(init=False, repr=False)
+    repair: Repair | None = field(init=False, repr=False)  # privacy.repair, loaded (engine/repair.py)
 
     def __post_init__(self) -> None:
         self.renderer = open_generator(self.generator, generator_settings(self.spec))
+        repair = self.spec.privacy.repair
+        self.repair = None if repair is None else Repair.open(repair, self.renderer)
 
     @property
     def c_dim(self) -> int:
         return self.renderer.c_dim
 
     def render(
-        self, conditions: np.ndarray, latent_keys: np.ndarray
+        self, conditions: np.ndarray, latent_keys: np.ndarray, targets: SwapTargets | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 NCHW images (VIS, NIR) for one batch; the per-sample draws come from the keys."""
+        """uint8 NCHW images (VIS, NIR) for one batch; the per-sample draws come from the keys. With
+        `targets`, rows at a repair level >= 0 get their repair target's identity units (engine/repair.py)."""
         renderer = self.renderer
         z = torch.from_numpy(normal(latent_keys, renderer.z_dim)).to(self.device)
         c = torch.from_numpy(conditions).to(self.device) if renderer.c_dim else None
@@ -71,7 +85,10 @@ class Bundle:
         # fp16 only on CUDA; bf16 autocast also runs on CPUs (the reduced-precision path's CPU tests)
         autocast = dtype != torch.float32 and (self.device.type == "cuda" or dtype == torch.bfloat16)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
-            vis, nir = renderer.render(z, c, noise)
+            if targets is not None and targets.any:
+                vis, nir = self.repair.render(renderer, z, c, noise, targets, self.spec.seed, self.spec.condition.norm)
+            else:
+                vis, nir = renderer.render(z, c, noise)
         return images_to_uint8(vis), None if nir is None else images_to_uint8(nir)
 
     def _noise(self, latent_keys: np.ndarray) -> dict[str, torch.Tensor] | None:
@@ -85,18 +102,20 @@ class Bundle:
             noise[layer] = torch.from_numpy(values).to(self.device)
         return noise or None
 
-    def evaluate(self, conditions: np.ndarray, latent_keys: np.ndarray) -> Candidates:
-        """Render, embed and privacy-query candidates in batches of `batch_size`."""
+    def evaluate(self, conditions: np.ndarray, latent_keys: np.ndarray,
+                 targets: SwapTargets | None = None) -> Candidates:
+        """Render, embed and privacy-query candidates in batches of `batch_size` (`targets`: see `render`)."""
         parts = []
         step = self.spec.batch_size
         for start in range(0, len(latent_keys), step):
-            parts.append(
-                self._evaluate_batch(conditions[start : start + step], latent_keys[start : start + step])
-            )
+            rows = slice(start, start + step)
+            parts.append(self._evaluate_batch(conditions[rows], latent_keys[rows],
+                                              None if targets is None else targets.take(rows)))
         return _concat(parts)
 
-    def _evaluate_batch(self, conditions: np.ndarray, latent_keys: np.ndarray) -> Candidates:
-        vis, nir = self.render(conditions, latent_keys)
+    def _evaluate_batch(self, conditions: np.ndarray, latent_keys: np.ndarray,
+                        targets: SwapTargets | None) -> Candidates:
+        vis, nir = self.render(conditions, latent_keys, targets)
         output, seen = self.spec.output, vis
         if output.image_format != "png":
             # Certify the pixels a reader will decode, not the ones before lossy compression; the shard

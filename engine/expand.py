@@ -19,6 +19,7 @@ import torch
 
 from facegen.engine.bundle import Bundle
 from facegen.engine.phases import ExpandedShard, Identities
+from facegen.engine.repair import NOT_SWAPPED, SwapTargets, repair_rejected
 from facegen.engine.seeding import Stream, draw_keys
 
 
@@ -43,9 +44,16 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
         position = np.arange(len(owner)) - np.repeat(np.cumsum(per_id) - per_id, per_id)
         attempt = state.next_attempt[owner] + position
         slots = identities.slot[labels[owner]]
-        found = bundle.evaluate(
-            identities.condition[labels[owner]], draw_keys(spec.seed, Stream.LATENT, slots, attempt)
-        )
+        conditions, keys = identities.condition[labels[owner]], draw_keys(spec.seed, Stream.LATENT, slots, attempt)
+        targets = None
+        if bundle.repair is not None:
+            # Every sample of an identity at its anchor's repair level: the same swapped-in identity units.
+            base = NOT_SWAPPED if identities.repair is None else identities.repair[labels[owner]]
+            targets = SwapTargets(slots, np.broadcast_to(np.asarray(base, np.int64), slots.shape).copy())
+        found = bundle.evaluate(conditions, keys, targets)
+        level, tried = None, None
+        if targets is not None:
+            found, level, tried = repair_rejected(bundle, conditions, keys, targets, found)
         embedding = found.embedding.float()
 
         # Phase b: the checks that do not depend on other candidates, all at once.
@@ -68,9 +76,10 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
             rows = rows[state.count[owner[rows]] < K]
             if not rows.size:
                 break
-            state.step(rows, owner, attempt, reason, found, embedding, anchor_sim, limits.diversity_threshold)
+            state.step(rows, owner, attempt, reason, found, embedding, anchor_sim, limits.diversity_threshold,
+                       level, tried)
 
-    return state.result(labels, identities, spec.privacy.value, bundle.index)
+    return state.result(labels, identities, spec.privacy.value, bundle.index, repair=bundle.repair is not None)
 
 
 class _ShardState:
@@ -84,9 +93,13 @@ class _ShardState:
         self.reasons: Counter = Counter()
         self.attempts = 0
         self.chunks: list[dict[str, np.ndarray]] = []
+        # privacy.repair: candidates repaired here, and what became of them ('accepted' or a reason)
+        self.repair_outcomes: Counter = Counter()
 
-    def step(self, rows, owner, attempt, reason, found, embedding, anchor_sim, diversity_threshold) -> None:
-        """Decide one attempt position: `rows` hold at most one candidate per open identity."""
+    def step(self, rows, owner, attempt, reason, found, embedding, anchor_sim, diversity_threshold,
+             level=None, tried=None) -> None:
+        """Decide one attempt position: `rows` hold at most one candidate per open identity. `level` and
+        `tried` (privacy.repair): each candidate's repair level and whether it was repaired here."""
         ids = owner[rows]
         self.attempts += len(rows)
         self.next_attempt[ids] = attempt[rows] + 1
@@ -101,6 +114,9 @@ class _ShardState:
         self.reasons.update(r for r in reason[rows] if r)
 
         accept = reason[rows] == ""
+        if tried is not None:
+            repaired = rows[tried[rows]]
+            self.repair_outcomes.update(reason[r] or "accepted" for r in repaired)
         take, local = rows[accept], ids[accept]
         sample = self.count[local].copy()
         self.embeddings[local, sample] = embedding[take]
@@ -116,10 +132,11 @@ class _ShardState:
                 "real_row": found.real_row[take],
                 "anchor_sim": anchor_sim[take],
                 "diversity_sim": diversity_sim[accept],
+                "repair": np.full(len(take), -1, np.int64) if level is None else level[take],
             }
         )
 
-    def result(self, labels, identities: Identities, threshold: float, index) -> ExpandedShard:
+    def result(self, labels, identities: Identities, threshold: float, index, repair: bool = False) -> ExpandedShard:
         cols = {k: np.concatenate([c[k] for c in self.chunks]) for k in self.chunks[0] if k != "nir"}
         order = np.lexsort((cols["sample"], cols["local"]))
         cols = {k: v[order] for k, v in cols.items()}
@@ -137,6 +154,8 @@ class _ShardState:
                 "privacy_max_sim": float(cols["real_sim"][k]),
                 "anchor_sim": float(cols["anchor_sim"][k]),
                 "diversity_max_sim": float(cols["diversity_sim"][k]) if cols["sample"][k] else None,
+                # with privacy.repair: the repair target whose identity units the sample carries (-1: none)
+                **({"repair": int(cols["repair"][k])} if repair else {}),
             }
             for k in range(len(order))
         ]
@@ -149,4 +168,9 @@ class _ShardState:
             "max_real_sim": float(cols["real_sim"].max()) if len(order) else None,
             "violations": int((cols["real_sim"] > threshold).sum()),
         }
+        if repair:
+            outcomes = self.repair_outcomes
+            stats["repair"] = {"tried": sum(outcomes.values()), "accepted": outcomes.get("accepted", 0),
+                               "rejected": {k: v for k, v in sorted(outcomes.items()) if k != "accepted"},
+                               "written_swapped": int((cols["repair"] >= 0).sum())}
         return ExpandedShard(label, cols["sample"], cols["vis"], nir, metas, stats, nearest=nearest)

@@ -34,6 +34,8 @@ def write_identities(storage: Storage, identities: Identities, selection_stats: 
             "anchor_real_sim": pa.array(identities.anchor_real_sim, pa.float32()),
             # Blank in the released file: the nearest real person is kept in private/ (engine/private.py).
             "anchor_real_identity": pa.array([""] * len(identities), pa.string()),
+            # Only with privacy.repair, so files of jobs without it keep their bytes.
+            **({} if identities.repair is None else {"repair": pa.array(identities.repair, pa.int64())}),
         }
     )
     table = table.replace_schema_metadata({"facegen.selection": json.dumps(selection_stats, sort_keys=True)})
@@ -62,6 +64,7 @@ def read_identities(storage: Storage) -> tuple[Identities, dict]:
         anchor=_matrix(table["anchor"], rows),
         anchor_real_sim=table["anchor_real_sim"].to_numpy().copy(),
         anchor_real_identity=np.array(table["anchor_real_identity"].to_pylist(), dtype=object),
+        repair=table["repair"].to_numpy().copy() if "repair" in table.column_names else None,
     )
     metadata = table.schema.metadata or {}
     return identities, json.loads(metadata.get(b"facegen.selection", b"{}"))

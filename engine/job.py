@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from facegen.engine.bundle import Bundle, check_compatible, check_generator
+from facegen.engine.bundle import Bundle, check_compatible, check_generator, generator_settings
 from facegen.engine.dataset.formats import shard_writer
 from facegen.engine.dataset.manifest import is_complete, remove_incomplete
 from facegen.engine.dataset.samples import ShardBatch, sample_key
@@ -31,10 +31,12 @@ from facegen.engine.phases import Identities, Proposals, Selection
 from facegen.engine.private import write_nearest
 from facegen.engine.progress import progress_bar
 from facegen.engine.quality import make_quality_gate
+from facegen.engine.repair import resolve_repair
 from facegen.engine.spec import JobSpec, build_spec, load_spec_yaml_text, spec_diff, spec_hash, spec_to_yaml
 from facegen.engine.storage import Storage
 from facegen.models.devices import resolve_device
 from facegen.models.errors import JobFailed, UserError
+from facegen.models.rendering import open_generator
 
 log = logging.getLogger("facegen")
 
@@ -123,6 +125,7 @@ def resolve_job(spec: JobSpec) -> tuple[JobSpec, tuple]:
         log.info("%s", note)
     generator = load_generator(spec.generator.path).to(device).eval().requires_grad_(False)
     check_generator(generator, embedder)
+    repair = resolve_repair(spec.privacy.repair, open_generator(generator, generator_settings(spec)))
     if info is not None:
         check_embedder(info, embedder, spec.index.uri)
         print_impostor_lines(info.impostor_scores, _warn_only)
@@ -131,7 +134,8 @@ def resolve_job(spec: JobSpec) -> tuple[JobSpec, tuple]:
         chosen = _features_threshold(spec, embedder)
     calibration = None if chosen["source"] == "given" else {"fmr": chosen["fmr"],
                                                             "impostor_pairs": chosen["impostor_pairs"]}
-    privacy = spec.privacy.model_copy(update={"threshold": chosen["threshold"], "calibration": calibration})
+    privacy = spec.privacy.model_copy(update={"threshold": chosen["threshold"], "calibration": calibration,
+                                              "repair": repair})
     embedder_spec = spec.embedder.model_copy(update={"preprocessing": embedder.preprocessing.to_dict()})
     resolved = build_spec(json.loads(spec.model_copy(update={"privacy": privacy, "embedder": embedder_spec})
                                      .model_dump_json()))
@@ -282,8 +286,11 @@ def selection_stats(selection: Selection, spec: JobSpec) -> dict:
     if selection.accepted < spec.identities:
         log.warning("only %d of %d identities passed within filter.max_slots=%d proposals",
                     selection.accepted, spec.identities, spec.max_slots)
-    return {"proposed": selection.offered, "accepted": selection.accepted, "wanted": spec.identities,
-            "verdicts": dict(sorted(selection.verdicts.items()))}
+    stats = {"proposed": selection.offered, "accepted": selection.accepted, "wanted": spec.identities,
+             "verdicts": dict(sorted(selection.verdicts.items()))}
+    if spec.privacy.repair is not None:
+        stats["repair_verdicts"] = dict(sorted(selection.repair_verdicts.items()))
+    return stats
 
 
 def shard_labels(spec: JobSpec, num_identities: int, shard_id: int) -> np.ndarray:

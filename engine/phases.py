@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facegen.engine.bundle import Bundle
+from facegen.engine.repair import NOT_SWAPPED, SwapTargets, repair_rejected
 from facegen.engine.seeding import Stream, draw_keys, random_directions
 
 # Rejection reasons, in the order they are checked: a candidate counts under the first it fails.
@@ -30,6 +31,9 @@ class Proposals:
     real_sim: np.ndarray  # float32 [P]
     real_identity: np.ndarray  # str [P]
     verdict: np.ndarray  # str [P]: 'ok' or the rejection reason
+    # With privacy.repair: the anchor's repair level (-1: as drawn) and whether a repair was tried.
+    repair: np.ndarray | None = None  # int64 [P]
+    repair_tried: np.ndarray | None = None  # bool [P]
 
 
 def conditions_for(bundle: Bundle, slots: np.ndarray) -> np.ndarray:
@@ -41,11 +45,18 @@ def conditions_for(bundle: Bundle, slots: np.ndarray) -> np.ndarray:
 
 
 def propose(bundle: Bundle, slots: np.ndarray) -> Proposals:
-    """Condition + anchor image (attempt 0) per slot, embedded, privacy-queried and quality-gated."""
+    """Condition + anchor image (attempt 0) per slot, embedded, privacy-queried and quality-gated.
+    With privacy.repair, an anchor rejected for privacy is repaired (engine/repair.py) and every
+    check runs on the repaired image."""
     spec = bundle.spec
     slots = np.asarray(slots, np.int64)
     conditions = conditions_for(bundle, slots)
-    found = bundle.evaluate(conditions, draw_keys(spec.seed, Stream.LATENT, slots, 0))
+    keys = draw_keys(spec.seed, Stream.LATENT, slots, 0)
+    found = bundle.evaluate(conditions, keys)
+    level = tried = None
+    if bundle.repair is not None:
+        unswapped = SwapTargets(slots, np.full(len(slots), NOT_SWAPPED, np.int64))
+        found, level, tried = repair_rejected(bundle, conditions, keys, unswapped, found)
     verdict = np.full(len(slots), "ok", dtype=object)
     verdict[~bundle.gate(found.vis)] = "quality"
     verdict[found.real_sim > spec.privacy.value] = "privacy"
@@ -57,6 +68,8 @@ def propose(bundle: Bundle, slots: np.ndarray) -> Proposals:
         real_sim=found.real_sim,
         real_identity=bundle.index.identity_of(found.real_row).astype(object),
         verdict=verdict,
+        repair=level,
+        repair_tried=tried,
     )
 
 
@@ -74,6 +87,8 @@ class Selection:
     anchors: np.ndarray | None = None  # float32 [accepted, dim]
     verdicts: Counter = field(default_factory=Counter)
     offered: int = 0
+    # Verdicts of the proposals whose anchor went through privacy repair ('ok': accepted, repaired).
+    repair_verdicts: Counter = field(default_factory=Counter)
 
     @property
     def accepted(self) -> int:
@@ -111,6 +126,8 @@ class Selection:
                 continue
             taken.append(i)
         self.verdicts.update(v for v in verdict if v != "unused")
+        if proposals.repair_tried is not None:
+            self.repair_verdicts.update(v for v in verdict[proposals.repair_tried[rows]] if v != "unused")
         self.offered += int((verdict != "unused").sum())
         if taken:
             chosen = rows[np.asarray(taken)]
@@ -127,6 +144,8 @@ def _take(p: Proposals, rows: np.ndarray) -> Proposals:
         p.real_sim[rows],
         p.real_identity[rows],
         p.verdict[rows],
+        None if p.repair is None else p.repair[rows],
+        None if p.repair_tried is None else p.repair_tried[rows],
     )
 
 
@@ -139,6 +158,8 @@ class Identities:
     anchor: np.ndarray  # float32 [N, dim]
     anchor_real_sim: np.ndarray  # float32 [N]
     anchor_real_identity: np.ndarray  # str [N]
+    # With privacy.repair: the repair level every sample of the identity is rendered at (-1: none).
+    repair: np.ndarray | None = None  # int64 [N]
 
     def __len__(self) -> int:
         return len(self.slot)
@@ -149,7 +170,8 @@ class Identities:
         cat = (lambda name: np.concatenate([getattr(p, name) for p in parts])) if parts else None
         if not parts:
             raise ValueError("no identity was accepted")
-        return cls(cat("slot"), cat("condition"), cat("anchor"), cat("real_sim"), cat("real_identity"))
+        repair = cat("repair") if parts[0].repair is not None else None
+        return cls(cat("slot"), cat("condition"), cat("anchor"), cat("real_sim"), cat("real_identity"), repair)
 
 
 @dataclass

@@ -33,6 +33,7 @@ class Stream(enum.IntEnum):
     SWAP_SOURCE = 11
     SWAP_TARGET = 12
     SWAP_BASELINE = 13  # random swap units, the baseline a ranking is compared against
+    REPAIR_TARGET = 14  # privacy repair in generation (engine/repair.py): the faces lending identity units
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -73,6 +73,20 @@ class ConditionSpec(_Section):
     norm: float = Field(4.0, gt=0.0, description="the original's 4 · normalize(randn)")
 
 
+class RepairSpec(_Section):
+    """Privacy repair: a candidate rejected for being too close to a real person gets the top identity
+    units of its latent code swapped with a fresh seeded random face (StyleID's latent swap) and is
+    checked again by every filter, instead of being thrown away."""
+
+    ranks: str = Field(description="rank table written by `facegen disentangle rank` for this generator (.parquet)")
+    n: int = Field(32, ge=1, description="top-ranked units swapped: more units, less of the rejected person")
+    tries: int = Field(3, ge=1, le=64, description="fresh random targets tried per rejected candidate")
+    space: Literal["wplus", "style"] = Field("wplus", description="which latent space's ranks to swap")
+    unit_width: int = Field(1, ge=0, description="the table's units of this width (channels; 0 = whole layers)")
+    # Filled in when the job starts (job.yaml records it): a resume with another rank table is refused.
+    units_sha256: str | None = Field(None, description="set by facegen: SHA-256 of the swapped units")
+
+
 class PrivacySpec(_Section):
     threshold: float | Literal["auto"] = Field(
         "auto", description="max cosine to any enrolled real image; 'auto': the index's threshold calibrated at fmr")
@@ -84,6 +98,7 @@ class PrivacySpec(_Section):
     recheck_margin: float | None = Field(
         None, ge=0.0, lt=1.0, description="with a reduced-precision embedder: candidates this close to the "
                                           "threshold are re-embedded in fp32 (default by dtype: bf16 0.02, fp16 0.005)")
+    repair: RepairSpec | None = Field(None, description="repair privacy-rejected candidates by an identity swap")
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -212,7 +227,7 @@ class JobSpec(_Section):
 _UNHASHED = {"run": True, "output": {"uri": True, "storage_options": True}}
 # Keys added after datasets were written: hashed only when they differ from the value those datasets
 # were written with, so a resume of an existing dataset still matches its job.sha256.
-_HASHED_UNLESS = {("output", "format"): "webdataset"}
+_HASHED_UNLESS = {("output", "format"): "webdataset", ("privacy", "repair"): None}
 
 
 def _hashed_tree(spec: JobSpec) -> dict[str, Any]:

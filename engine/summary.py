@@ -66,6 +66,8 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
             "max_attempts": spec.filter.max_attempts,
         },
     }
+    if spec.privacy.repair is not None:
+        report["repair"] = repair_summary(spec, identities, selection, stats)
     histograms = {
         "privacy_max_sim": real_sims,
         "anchor_sim": _column(manifest, "anchor_sim"),
@@ -76,6 +78,32 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
     write_report(out, report, contact_sheets(out, spec.output.contact_sheets), histograms,
                  histogram_thresholds=thresholds)
     return report
+
+
+def repair_summary(spec: JobSpec, identities: Identities, selection: dict, stats: list[dict]) -> dict:
+    """privacy.repair, counted apart from everything else: anchors repaired in propose and samples
+    repaired in expand, what became of them, and how many written samples carry a swapped identity."""
+    verdicts = selection.get("repair_verdicts", {})
+    outcomes: Counter = Counter()
+    tried = accepted = swapped = 0
+    for s in stats:
+        repair = s.get("repair", {})
+        tried += repair.get("tried", 0)
+        accepted += repair.get("accepted", 0)
+        swapped += repair.get("written_swapped", 0)
+        outcomes.update(repair.get("rejected", {}))
+    settings = spec.privacy.repair
+    return {
+        "settings": {"ranks": settings.ranks, "space": settings.space, "unit_width": settings.unit_width,
+                     "n": settings.n, "tries": settings.tries, "units_sha256": settings.units_sha256},
+        "identities": {
+            "tried": sum(verdicts.values()),
+            "repaired": int((identities.repair >= 0).sum()) if identities.repair is not None else 0,
+            "rejected": {k: v for k, v in sorted(verdicts.items()) if k != "ok"},
+        },
+        "samples": {"tried": tried, "repaired": accepted, "rejected": dict(sorted(outcomes.items())),
+                    "written_with_swapped_identity": swapped},
+    }
 
 
 def shard_certificate(markers: dict[int, dict]) -> dict:

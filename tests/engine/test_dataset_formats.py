@@ -54,13 +54,16 @@ def test_output_format_is_one_of_the_registered_formats():
 
 
 def test_the_default_format_keeps_the_hash_datasets_were_written_with():
-    # The hash as computed before `output.format` existed (the same formula, without the key): a resume
-    # of an older dataset must still match its job.sha256.
+    # The hash as computed before `output.format` and `privacy.repair` existed (the same formula, without
+    # the keys): a resume of an older dataset must still match its job.sha256.
     spec = build_spec(TREE)
     before = spec.model_dump(mode="json", exclude={"run": True, "output": {"uri": True, "storage_options": True,
-                                                                          "format": True}})
+                                                                          "format": True},
+                                                   "privacy": {"repair": True}})
     assert spec_hash(spec) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert spec_hash(build_spec(TREE, ["output.format=webdataset"])) == spec_hash(spec)
+    assert spec_hash(build_spec(TREE, ["privacy.repair=null"])) == spec_hash(spec)
+    assert spec_hash(build_spec(TREE, ["privacy.repair.ranks=r.parquet"])) != spec_hash(spec)
 
 
 def test_codec_round_trip_is_what_a_reader_decodes():
