@@ -79,14 +79,17 @@ class AuditResult:
         return pa.table(columns)
 
 
-def completeness(dataset: Storage, planned_shards: int | None, markers: dict[int, dict]) -> list[str]:
+def completeness(dataset: Storage, planned_shards: int | None, markers: dict[int, dict],
+                 empty_shards: set[int] = frozenset()) -> list[str]:
     """What is missing from a dataset, one line each (empty: complete). `planned_shards` comes
-    from the job (None: unknown, itself a reason)."""
+    from the job (None: unknown, itself a reason); `empty_shards` were planned but rightly hold no
+    samples (an anonymisation whose every source in them was dropped)."""
     missing = []
+    absent = sorted(set(range(planned_shards or 0)) - set(markers) - set(empty_shards))
     if planned_shards is None:
-        missing.append("no job.yaml/identities.parquet: the planned number of shards is unknown")
-    elif len(markers) < planned_shards:
-        absent = sorted(set(range(planned_shards)) - set(markers))
+        missing.append("no job.yaml/identities.parquet (generate) or anonymise.json (anonymize): the planned "
+                       "number of shards is unknown")
+    elif absent:
         missing.append(f"{len(absent)} of {planned_shards} planned shards are not complete (shard ids "
                        f"{absent[:10]}{' …' if len(absent) > 10 else ''})")
     files = set(dataset.list(SHARDS_DIR)) if dataset.exists(SHARDS_DIR) else set()
@@ -124,13 +127,14 @@ def _embed_grouped(embedder: FaceEmbedder, images: list[np.ndarray], batch_size:
 
 def audit_dataset(dataset: Storage, index: PrivacyIndex, embedder: FaceEmbedder, threshold: float, *,
                   include_nir: bool | None = None, batch_size: int = 64, progress: bool = True,
-                  planned_shards: int | None = None, with_identities: bool = False) -> AuditResult:
+                  planned_shards: int | None = None, empty_shards: set[int] = frozenset(),
+                  with_identities: bool = False) -> AuditResult:
     """Audit every complete shard. `include_nir` None: NIR whenever the dataset has it."""
     if not 0.0 < threshold < 1.0:
         raise UserError(f"audit threshold {threshold}: must be in (0, 1)")
     index.check_compatible(embedder)
     markers = completed_shards(dataset)
-    missing = completeness(dataset, planned_shards, markers)
+    missing = completeness(dataset, planned_shards, markers, empty_shards)
     keys, labels, vis_sims, nir_sims, rows = [], [], [], [], []
     nir_present = False
     expected = sum(int(m.get("num_samples", 0)) for m in markers.values())

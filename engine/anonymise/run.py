@@ -200,6 +200,22 @@ def check_settings(out: Storage, settings: dict[str, Any]) -> None:
     out.write_text(SETTINGS_FILE, text)
 
 
+def audit_plan(out: Storage) -> dict[str, Any] | None:
+    """What `facegen audit` needs from an anonymised dataset (None: `out` holds no anonymisation): the
+    planned shard count, the shards that rightly hold nothing (every source dropped: an `empty/` marker
+    instead of a shard) and the threshold every output was certified at."""
+    if not out.exists(SETTINGS_FILE):
+        return None
+    job = out.read_json(SETTINGS_FILE).get("job", {})
+    try:
+        planned = -(-int(job["count"]) // int(job["samples_per_shard"]))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{out.url(SETTINGS_FILE)}: not an anonymisation's settings (no count/samples_per_shard)"
+                        ) from None
+    empty = {int(name.removesuffix(".json")) for name in out.list(EMPTY_DIR, ".json")}
+    return {"planned_shards": planned, "empty_shards": empty, "threshold": job.get("threshold")}
+
+
 def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int, int], Sources],
                progress: Callable[[int, int], None] | None = None, image_format: str = "png") -> dict[str, int]:
     """Every shard not yet complete; returns the summed counts of all shards (including earlier runs)."""

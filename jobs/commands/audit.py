@@ -36,13 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "  3  the dataset is incomplete (missing shards or report); what is there was audited"
         ),
     )
-    p.add_argument("dataset", help="dataset location written by `facegen generate`")
+    p.add_argument("dataset", help="dataset location written by `facegen generate` or `facegen anonymize`")
     p.add_argument("--index", required=True, help="privacy index URI (built with the same --embedder)")
     p.add_argument("--embedder", required=True, help="embedder checkpoint (native, insightface .pth, .onnx)")
     add_preprocessing_flag(p)
     p.add_argument("--threshold", type=float,
                    help="violation threshold in (0, 1) (default: the threshold the dataset was certified at, from "
-                        "its job.yaml; without one, the index's threshold calibrated at --fmr)")
+                        "its job.yaml or anonymise.json; without one, the index's threshold calibrated at --fmr)")
     p.add_argument("--fmr", type=float, default=1e-4,
                    help="FMR of the index's calibrated threshold when neither --threshold nor job.yaml give one")
     nir = p.add_mutually_exclusive_group()
@@ -84,7 +84,7 @@ def _planned_shards(dataset, spec) -> int | None:
     return shards_for(spec, len(identities))
 
 
-def _threshold(args, spec, index) -> tuple[float, str]:
+def _threshold(args, spec, index, anonymisation: dict | None = None) -> tuple[float, str]:
     from facegen.engine.index.compat import calibrated_threshold
 
     if args.threshold is not None:
@@ -96,12 +96,15 @@ def _threshold(args, spec, index) -> tuple[float, str]:
         calibration = spec.privacy.calibration
         how = (f"calibrated at FMR {calibration['fmr']:g}" if calibration else "given") + ", from job.yaml"
         return float(spec.privacy.threshold), how
+    if anonymisation is not None and anonymisation["threshold"] is not None:
+        return float(anonymisation["threshold"]), "given, from anonymise.json"
     fmr = spec.privacy.fmr if spec is not None else args.fmr
     chosen = calibrated_threshold(index.info, fmr, index.storage.uri)
     return chosen["threshold"], chosen["text"] + " (the index)"
 
 
 def run(args: argparse.Namespace) -> int:
+    from facegen.engine.anonymise.run import audit_plan
     from facegen.engine.audit import audit_dataset, write_audit
     from facegen.engine.index.compat import embedder_for_index
     from facegen.engine.index.search import PrivacyIndex
@@ -130,15 +133,18 @@ def run(args: argparse.Namespace) -> int:
         if not dataset.exists():
             raise UserError(f"{args.dataset}: dataset not found")
         spec = load_spec_yaml_text(dataset.read_text("job.yaml")) if dataset.exists("job.yaml") else None
+        # `facegen anonymize` writes no job.yaml; its anonymise.json says what was planned and certified.
+        anonymisation = audit_plan(dataset) if spec is None else None
     with storage_errors(args.index):
         index = PrivacyIndex.open(args.index, options)
     embedder = embedder_for_index(args.embedder, explicit, index.info)
     print_notes(embedder)
-    threshold, source = _threshold(args, spec, index)
+    threshold, source = _threshold(args, spec, index, anonymisation)
     with storage_errors(args.dataset):
-        planned = _planned_shards(dataset, spec)
+        planned = _planned_shards(dataset, spec) if anonymisation is None else anonymisation["planned_shards"]
+        empty = set() if anonymisation is None else anonymisation["empty_shards"]
         result = audit_dataset(dataset, index, embedder, threshold, include_nir=args.nir, batch_size=args.batch,
-                               progress=True, planned_shards=planned,
+                               progress=True, planned_shards=planned, empty_shards=empty,
                                with_identities=args.with_identities)
     if target is not None:
         with storage_errors(f"--out {args.out}"):

@@ -40,6 +40,10 @@ def _args(folder: Path, out: Path, *extra: str) -> list[str]:
             "--samples-per-shard", "3", "--curve-pairs", "2", *extra]
 
 
+def _audit_args(folder: Path, out: Path) -> list[str]:
+    return ["audit", str(out), "--index", str(folder / "index"), "--embedder", str(folder / "E.safetensors"), "--json"]
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".tar", ".parquet")}
@@ -73,7 +77,17 @@ def test_generated_faces_are_swapped_certified_written_and_resumed(setup, tmp_pa
     args = [*args, "--curve-pairs", "0"]  # the curve is not part of the dataset
     assert main(args) == 0
     assert json.loads((out / "report.json").read_text())["totals"]["shards_resumed"] == 2
+    # `facegen audit` reads the plan and the threshold from anonymise.json: complete, clean, exit 0.
+    audit = [*_audit_args(folder, out)]
+    capsys.readouterr()
+    assert main(audit) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["complete"] and summary["violations"] == 0 and summary["samples"] == len(manifest)
+    assert summary["threshold"] == 0.9 and summary["threshold_source"] == "given, from anonymise.json"
+    assert summary["max_similarity"] == pytest.approx(manifest.real_similarity.max(), abs=1e-5)
     (out / "done" / "000001.json").unlink()
+    assert main(audit) == 3  # a shard lost: incomplete, and said which
+    assert json.loads(capsys.readouterr().out)["missing"][0].startswith("1 of 2 planned shards are not complete")
     assert main(args) == 0
     assert _digest(out) == before
     # Other settings into the same folder are refused.
@@ -116,3 +130,19 @@ def test_bad_input_is_refused_with_exit_2(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "must be in [0, 8]" in err and "needs --threshold" in err and "W+ codes" in err
     assert not out.exists()
+
+
+def test_audit_plan_counts_shards_whose_every_source_was_dropped_as_complete(tmp_path):
+    from facegen.engine.anonymise.run import audit_plan
+    from facegen.engine.audit import completeness
+
+    out = Storage(str(tmp_path))
+    assert audit_plan(out) is None  # not an anonymisation
+    out.write_json("anonymise.json", {"job": {"count": 5, "samples_per_shard": 3, "threshold": 0.4}})
+    out.write_json("empty/000001.json", {"sources": 2, "written": 0})
+    out.write_json("report.json", {})
+    plan = audit_plan(out)
+    assert plan == {"planned_shards": 2, "empty_shards": {1}, "threshold": 0.4}
+    markers = {0: {"shard_file": "shards/anonymised-000000.tar"}}
+    assert completeness(out, plan["planned_shards"], markers, plan["empty_shards"]) == []
+    assert completeness(out, plan["planned_shards"], markers)[0].startswith("1 of 2 planned shards")
