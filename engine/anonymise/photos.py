@@ -7,9 +7,10 @@ the real person an output still carries, and the privacy index (which must enrol
 photos) checks it against everyone else too. Shards are runs of consecutive photos in file-name
 order; resume skips complete shards.
 
-Blending (StyleID's "pixel space" method, without a face parser): the anonymised face replaces the
-photo inside a feathered ellipse around the face centre of an aligned crop, so hair, neck and
-background stay the photo's own pixels.
+Blending (StyleID's "pixel space" method): the anonymised face replaces the photo inside a face
+mask, so hair, neck and background stay the photo's own pixels. The mask is a feathered ellipse
+around the face centre of an aligned crop, or the face region a user-supplied segmentation model
+finds in each photo (`engine/anonymise/masks.py`, `--mask-onnx`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from facegen.models.errors import UserError
 from facegen.models.generator import images_to_uint8
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FaceMask = Callable[[torch.Tensor], torch.Tensor]  # uint8 photos [N, 3, R, R] -> float mask [N, 1, R, R]
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def blend(photos: torch.Tensor, rendered: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def photo_sources(swapper: Swapper, job: AnonymiseJob, settings: PhotoSettings, paths: list[Path],
-                  start: int, stop: int) -> Sources:
+                  start: int, stop: int, face_mask: FaceMask | None = None) -> Sources:
     space, embedder = swapper.space, swapper.embedder
     photos = load_photos(paths[start:stop], space.resolution)
     ws, quality = [], []
@@ -114,11 +116,13 @@ def photo_sources(swapper: Swapper, job: AnonymiseJob, settings: PhotoSettings, 
     with torch.no_grad():
         embedding = embedder.embed(photos).cpu()
     lowpass = swapper.metric.lowpass(photos)
-    mask = ellipse_mask(space.resolution, settings)
+    # A user-supplied segmentation model's mask per photo, else the one ellipse of an aligned crop.
+    mask = face_mask(photos) if face_mask is not None else ellipse_mask(space.resolution, settings)
     finish: Callable | None = None
     if settings.blend:
         def finish(rows: np.ndarray, rendered: torch.Tensor) -> torch.Tensor:
-            return blend(photos[torch.from_numpy(rows)], rendered, mask)
+            rows = torch.from_numpy(rows)
+            return blend(photos[rows], rendered, mask if len(mask) == 1 else mask[rows])
     else:
         def finish(rows: np.ndarray, rendered: torch.Tensor) -> torch.Tensor:
             return images_to_uint8(rendered)
@@ -130,8 +134,10 @@ def photo_sources(swapper: Swapper, job: AnonymiseJob, settings: PhotoSettings, 
 
 def anonymise_photos(swapper: Swapper, table, job: AnonymiseJob, out: Storage, folder: str | Path,
                      settings: PhotoSettings, *, index: PrivacyIndex, targets_ws: torch.Tensor | None = None,
-                     curve_pairs: int = 16, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Anonymise every photo in `folder` into `out`; returns the report."""
+                     curve_pairs: int = 16, progress: Callable[[int, int], None] | None = None,
+                     face_mask: FaceMask | None = None) -> dict[str, Any]:
+    """Anonymise every photo in `folder` into `out`; returns the report. `face_mask` (with blending):
+    a segmentation model's face mask per photo (engine/anonymise/masks.py) instead of the ellipse."""
     if job.threshold is None or index is None:
         raise UserError("anonymising real photos needs a privacy index of the people and a threshold")
     paths = list_photos(folder)
@@ -142,9 +148,11 @@ def anonymise_photos(swapper: Swapper, table, job: AnonymiseJob, out: Storage, f
     out.check_writable()
     check_settings(out, {"job": job.to_dict(), "photos": dataclasses.asdict(settings),
                          "files": [p.name for p in paths], "embedder_fingerprint": swapper.embedder.fingerprint,
-                         "index_fingerprint": index.fingerprint, "given_targets": targets_ws is not None})
+                         "index_fingerprint": index.fingerprint, "given_targets": targets_ws is not None,
+                         **({"mask_onnx": face_mask.settings()} if face_mask is not None else {})})
     anonymiser = Anonymiser(swapper, job, mask, index, targets)
-    totals = run_shards(anonymiser, out, lambda a, b: photo_sources(swapper, job, settings, paths, a, b), progress)
+    totals = run_shards(anonymiser, out, lambda a, b: photo_sources(swapper, job, settings, paths, a, b, face_mask),
+                         progress)
     totals["swapped_coordinates"] = int(mask.sum())
     from facegen.engine.dataset.reader import read_manifest
 

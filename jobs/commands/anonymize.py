@@ -2,7 +2,7 @@
 
   facegen anonymize --generator G --embedder E --ranks ranks.parquet --n 32 --count 1000 --out DIR
   facegen anonymize ... --latents sources.npy [--targets targets.npy]
-  facegen anonymize ... --images PHOTOS/ --index IDX --threshold 0.4
+  facegen anonymize ... --images PHOTOS/ --index IDX --threshold 0.4 [--blend [--mask-onnx parser.onnx]]
 """
 
 from __future__ import annotations
@@ -11,18 +11,19 @@ import argparse
 import io
 from typing import TYPE_CHECKING
 
-from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
+from facegen.jobs.common import add_seeded_face_options, add_swap_models, comma_ints, open_swap_space, read_uri
+from facegen.jobs.embedder_options import preprocessing_flags, print_notes
 from facegen.models.errors import UserError
 
 if TYPE_CHECKING:  # torch loads when the command runs, not when the CLI starts
     import torch
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,17 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "trade-off over n (tradeoff.png). Rerunning with the same --out resumes."
         ),
     )
-    p.add_argument("--generator", required=True, help="generator checkpoint (facegen, ArcBiFaceGAN .pkl, "
-                                                      "rosinality/StyleID .pt)")
-    p.add_argument("--embedder", required=True, help="face embedder (facegen iresnet, insightface .pth, .onnx)")
-    add_preprocessing_flag(p)
+    add_swap_models(p)
     p.add_argument("--out", required=True, help="output dataset location (local path or fsspec URI)")
     p.add_argument("--ranks", help="rank table from `facegen disentangle rank` (needed for --n and the curve)")
     p.add_argument("--space", default="wplus", choices=["wplus", "style"], help="space to swap in (default: wplus)")
     p.add_argument("--unit-width", type=int, default=1,
                    help="which ranking of the table: channels per unit, 0 = whole layers (default: 1)")
     p.add_argument("--n", type=int, default=0, help="privacy knob: how many top-ranked units to swap")
-    p.add_argument("--layers", type=_ints, default=(),
+    p.add_argument("--layers", type=comma_ints, default=(),
                    help="swap these whole W+ layers instead (e.g. StyleID's 5,6,7,8,9 at 1024²)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--count", type=int, help="anonymise this many seeded generated faces")
@@ -63,13 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float,
                    help="highest identity similarity an output may have to its source / anyone enrolled")
     p.add_argument("--max-tries", type=int, default=4, help="random targets tried per source (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sources and targets (default: 0)")
-    p.add_argument("--truncation", type=float, default=0.7, help="truncation psi of seeded faces (default: 0.7)")
-    p.add_argument("--batch", type=int, default=32, help="images per generator call (default: 32)")
+    add_seeded_face_options(p, batch=32)
     p.add_argument("--samples-per-shard", type=int, default=64, help="outputs per shard (default: 64)")
     p.add_argument("--curve-pairs", type=int, default=16,
                    help="face pairs for the trade-off curve in the report; 0 = no curve (default: 16)")
-    p.add_argument("--lowpass", type=int, default=16, help="side of the low-pass image for appearance (default: 16)")
     photos = p.add_argument_group("real images (--images)")
     photos.add_argument("--steps", type=int, default=300, help="projection optimiser steps (default: 300)")
     photos.add_argument("--learning-rate", type=float, default=0.05,
@@ -77,7 +72,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     photos.add_argument("--identity-weight", type=float, default=0.1,
                         help="weight of the identity loss in the projection (default: 0.1)")
     photos.add_argument("--blend", action="store_true",
-                        help="blend the anonymised face into the photo through an elliptical face mask")
+                        help="blend the anonymised face into the photo through a face mask (an ellipse around the "
+                             "face of an aligned crop, or --mask-onnx)")
+    photos.add_argument("--mask-onnx", metavar="PATH",
+                        help="with --blend: a face-segmentation ONNX model for the mask. Input: one float NCHW RGB "
+                             "image [N, 3, S, S], (pixel/255 - mean)/std; output: a face probability [N, 1, H, W] "
+                             "or class scores [N, K, H, W] (then give --mask-classes). See docs/anonymise.md")
+    photos.add_argument("--mask-classes", type=comma_ints, default=(),
+                        help="the face classes of a multi-class --mask-onnx (comma-separated class numbers; the "
+                             "mask is their summed softmax probability)")
+    photos.add_argument("--mask-mean", type=_floats, default=(0.485, 0.456, 0.406),
+                        help="per-channel RGB mean of the --mask-onnx input (default: ImageNet's)")
+    photos.add_argument("--mask-std", type=_floats, default=(0.229, 0.224, 0.225),
+                        help="per-channel RGB std of the --mask-onnx input (default: ImageNet's)")
     p.set_defaults(func=run)
 
 
@@ -85,14 +92,8 @@ def _load_npy(uri: str) -> torch.Tensor:
     import numpy as np
     import torch
 
-    from facegen.engine.storage import Storage
-
-    folder, _, name = uri.rpartition("/")
-    storage = Storage(folder or ".")
-    if not storage.exists(name):
-        raise UserError(f"{uri}: file not found")
     try:
-        array = np.load(io.BytesIO(storage.read_bytes(name)), allow_pickle=False)
+        array = np.load(io.BytesIO(read_uri(uri)), allow_pickle=False)
     except ValueError as err:
         raise UserError(f"{uri}: not a plain .npy array ({err})") from None
     if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
@@ -109,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
     from facegen.engine.index.search import PrivacyIndex
     from facegen.engine.progress import progress_callback
     from facegen.engine.storage import Storage
-    from facegen.models.loading import load_generator
-    from facegen.models.rendering import open_latent_spaces
 
     if args.layers and args.space != "wplus":
         raise UserError("--layers swaps whole W+ layers; use it with --space wplus")
@@ -118,21 +117,24 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--index needs --threshold (the similarity no output may exceed)")
     if args.images and (not args.index or args.threshold is None):
         raise UserError("--images: real people must be certified: give --index and --threshold")
+    if args.mask_onnx and not (args.images and args.blend):
+        raise UserError("--mask-onnx is the face mask of --images --blend; give both")
+    if args.mask_classes and not args.mask_onnx:
+        raise UserError("--mask-classes names classes of a --mask-onnx model; give the model")
+    face_mask = None
+    if args.mask_onnx:
+        from facegen.engine.anonymise.masks import OnnxFaceMask
+
+        face_mask = OnnxFaceMask(args.mask_onnx, args.mask_classes, args.mask_mean, args.mask_std)
     sources = _load_npy(args.latents) if args.latents else None
     targets = _load_npy(args.targets) if args.targets else None
-    table = None
-    if args.ranks:
-        folder, _, name = args.ranks.rpartition("/")
-        storage = Storage(folder or ".")
-        if not storage.exists(name):
-            raise UserError(f"{args.ranks}: file not found")
-        table = read_ranks(storage.read_bytes(name), args.ranks)
+    table = read_ranks(read_uri(args.ranks), args.ranks) if args.ranks else None
     count = args.count if args.count is not None else len(sources) if sources is not None else 1
     job = AnonymiseJob(space=args.space, unit_width=args.unit_width, n=args.n, layers=args.layers, count=count,
                        seed=args.seed, truncation_psi=args.truncation, batch_size=args.batch,
                        samples_per_shard=args.samples_per_shard, threshold=args.threshold,
                        max_tries=args.max_tries, metric=Metric(lowpass_size=args.lowpass))
-    space = open_latent_spaces(load_generator(args.generator))
+    space = open_swap_space(args.generator)
     index = PrivacyIndex.open(args.index) if args.index else None
     # With an index, the same weights default to the preprocessing it was built with.
     embedder = embedder_for_index(args.embedder, preprocessing_flags(args), index.info if index else None)
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                                         identity_weight=args.identity_weight)
         settings = PhotoSettings(projection=projection, blend=args.blend)
         report = anonymise_photos(swapper, table, job, out, args.images, settings, index=index, targets_ws=targets,
-                                  curve_pairs=args.curve_pairs, progress=progress)
+                                  curve_pairs=args.curve_pairs, progress=progress, face_mask=face_mask)
     else:
         report = anonymise_generated(swapper, table, job, out, index=index, sources_ws=sources, targets_ws=targets,
                                      curve_pairs=args.curve_pairs, progress=progress)

@@ -67,16 +67,16 @@ def test_photos_are_projected_swapped_blended_and_certified(photos_job, tmp_path
     assert (manifest.source_similarity <= THRESHOLD).all() and (manifest.real_similarity <= THRESHOLD).all()
     assert np.isfinite(manifest.projection_psnr).all()
     assert report["projection"]["mean_psnr_db"] == pytest.approx(manifest.projection_psnr.mean())
-    # An independent audit of the written images against the index agrees.
+    # An independent audit of the written images against the index agrees, at the threshold the
+    # anonymisation certified (from its anonymise.json), and finds the dataset complete.
     capsys.readouterr()
     code = main(["audit", str(out), "--index", str(photos_job / "index"), "--embedder",
-                 str(photos_job / "E.safetensors"), "--threshold", str(THRESHOLD), "--json"])
+                 str(photos_job / "E.safetensors"), "--json"])
     audit = json.loads(capsys.readouterr().out)
-    assert audit["violations"] == 0 and audit["samples"] == len(manifest)
+    assert code == 0 and audit["violations"] == 0 and audit["samples"] == len(manifest)
+    assert audit["threshold"] == THRESHOLD and audit["threshold_source"] == "given, from anonymise.json"
+    assert audit["complete"] is True and audit["missing"] == []
     assert audit["max_similarity"] == pytest.approx(manifest.real_similarity.max(), abs=1e-5)
-    # audit knows `generate`'s plan (job.yaml, identities.parquet), which an anonymisation does not
-    # have, so it reports "incomplete" (exit 3) for that reason alone.
-    assert code == 3 and [m.split(":")[0] for m in audit["missing"]] == ["no job.yaml/identities.parquet"]
     # Outside the face ellipse every pixel is the photo's own.
     paths = list_photos(photos_job / "photos")
     originals = load_photos(paths, 32)
@@ -100,3 +100,36 @@ def test_photos_need_an_index_and_a_threshold(photos_job, tmp_path, capsys):
     assert main(argv) == 2
     assert "must be certified" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_blend_through_a_user_segmentation_onnx(photos_job, tmp_path, capsys):
+    """A real (tiny) segmentation network exported to ONNX decides the blend: the photo's right half, which
+    the model calls background, keeps its exact pixels, although the default ellipse covers part of it."""
+    from tests.engine.segmentation import export_parser
+
+    parser = export_parser(tmp_path / "parser.onnx", 16)
+    out = tmp_path / "out"
+    assert _run(photos_job, out, "--blend", "--mask-onnx", parser, "--mask-classes", "1") == 0
+    settings = json.loads((out / "anonymise.json").read_text())
+    assert settings["mask_onnx"]["classes"] == [1] and len(settings["mask_onnx"]["sha256"]) == 64
+    paths = list_photos(photos_job / "photos")
+    originals = load_photos(paths, 32)
+    inside_ellipse = (ellipse_mask(32, PhotoSettings()) > 0)[0, 0].numpy()
+    assert inside_ellipse[:, 17:].any()  # the ellipse would have changed pixels there
+    samples = list(iter_dataset(Storage(str(out))))
+    assert samples
+    for sample in samples:
+        original = originals[[p.name for p in paths].index(sample.meta["source"]["file"])].permute(1, 2, 0).numpy()
+        assert np.array_equal(sample.vis[:, 17:], original[:, 17:])
+        assert not np.array_equal(sample.vis[:, :15], original[:, :15])
+    # Refusals: one message, exit 2, nothing written.
+    for extra, message in ((["--mask-onnx", parser], "outputs 3 classes; name the face classes"),
+                           (["--mask-onnx", parser, "--mask-classes", "1"], "--mask-onnx is the face mask of "
+                                                                           "--images --blend")):
+        never = tmp_path / "never"
+        args = extra if "--mask-classes" in extra else ["--blend", *extra]
+        capsys.readouterr()
+        assert _run(photos_job, never, *args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not never.exists()
