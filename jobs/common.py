@@ -1,7 +1,8 @@
 """Helpers several commands share, so that no command imports another command's module.
 
 Storage options (`--storage-option KEY=VALUE`, parsed one way everywhere), running a generation job
-on the executor its spec names, and printing its outcome or a model's description.
+on the executor its spec names, printing its outcome or a model's description, and the options and
+file access the identity-swapping commands (`disentangle`, `anonymize`) share.
 """
 
 from __future__ import annotations
@@ -100,3 +101,70 @@ def print_info(info: dict[str, Any], as_json: bool) -> None:
                 print(f"  {name}: {json.dumps(v)}")
         else:
             print(f"{key}: {value}")
+
+
+# -- identity swapping (disentangle, anonymize) --------------------------------------------------------
+def comma_ints(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated integers (`5,6,7`)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def unit_widths(text: str) -> tuple[int, ...]:
+    """argparse type: swap-unit widths, comma-separated channel counts or 'layer' (= 0, a whole layer)."""
+    try:
+        return tuple(0 if part.strip() == "layer" else int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'layer', got {text!r}") from None
+
+
+def add_swap_models(parser: argparse.ArgumentParser) -> None:
+    """--generator, --embedder and --preprocessing, as every identity-swapping command takes them."""
+    from facegen.jobs.embedder_options import add_preprocessing_flag
+
+    parser.add_argument("--generator", required=True,
+                        help="generator checkpoint (facegen, ArcBiFaceGAN .pkl, rosinality/StyleID .pt)")
+    parser.add_argument("--embedder", required=True,
+                        help="face embedder (facegen iresnet, insightface .pth, .onnx)")
+    add_preprocessing_flag(parser)
+
+
+def add_seeded_face_options(parser: argparse.ArgumentParser, batch: int) -> None:
+    """How seeded faces are drawn and measured: --seed, --truncation, --batch, --lowpass."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of the faces (default: 0)")
+    parser.add_argument("--truncation", type=float, default=0.7, help="truncation psi of the faces (default: 0.7)")
+    parser.add_argument("--batch", type=int, default=batch, help=f"images per generator call (default: {batch})")
+    parser.add_argument("--lowpass", type=int, default=16,
+                        help="side of the low-pass image the appearance change is measured on (default: 16)")
+
+
+def split_uri(uri: str):
+    """(Storage of the folder, file name) of a local path or fsspec URI naming one file."""
+    from facegen.engine.storage import Storage
+
+    folder, _, name = uri.rpartition("/")
+    if not name:
+        raise UserError(f"{uri}: expected a file name")
+    return Storage(folder or "."), name
+
+
+def read_uri(uri: str) -> bytes:
+    storage, name = split_uri(uri)
+    if not storage.exists(name):
+        raise UserError(f"{uri}: file not found")
+    return storage.read_bytes(name)
+
+
+def write_uri(uri: str, data: bytes) -> None:
+    storage, name = split_uri(uri)
+    storage.write_bytes(name, data)
+
+
+def open_swap_space(generator_path: str):
+    """The generator's `LatentSpaces` (W+ / StyleSpace, constant noise) for swapping."""
+    from facegen.models.loading import load_generator
+    from facegen.models.rendering import open_latent_spaces
+
+    return open_latent_spaces(load_generator(generator_path))

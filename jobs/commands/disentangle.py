@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 import io
 
-from facegen.jobs.embedder_options import add_preprocessing_flag, preprocessing_flags, print_notes
+from facegen.jobs.common import (
+    add_seeded_face_options,
+    add_swap_models,
+    open_swap_space,
+    read_uri,
+    unit_widths,
+    write_uri,
+)
+from facegen.jobs.embedder_options import preprocessing_flags, print_notes
 from facegen.models.errors import UserError
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(0 if part.strip() == "layer" else int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'layer', got {text!r}") from None
 
 
 def _spaces(text: str) -> tuple[str, ...]:
@@ -43,24 +44,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Score every swap unit of the chosen spaces and unit widths over --pairs "
                                    "seeded source/target faces; write one parquet table (one row per unit, "
                                    "rank 0 = most identity per appearance).")
-    r.add_argument("--generator", required=True, help="generator checkpoint (facegen, ArcBiFaceGAN .pkl, "
-                                                      "rosinality/StyleID .pt)")
-    r.add_argument("--embedder", required=True, help="face embedder (facegen iresnet, insightface .pth, .onnx)")
-    add_preprocessing_flag(r)
+    add_swap_models(r)
     r.add_argument("--out", required=True, help="rank table to write (.parquet; local path or fsspec URI)")
     r.add_argument("--space", type=_spaces, default=("wplus",),
                    help="comma-separated: wplus, style (default: wplus)")
-    r.add_argument("--widths", type=_ints, default=(1, 256),
+    r.add_argument("--widths", type=unit_widths, default=(1, 256),
                    help="channels per unit, comma-separated; 'layer' = whole layers; a width above a layer's "
                         "size is the whole layer (default: 1,256, StyleID's channel and 256-group ranks)")
     r.add_argument("--pairs", type=int, default=32, help="source/target face pairs M (default: 32)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the faces (default: 0)")
-    r.add_argument("--truncation", type=float, default=0.7, help="truncation psi of the faces (default: 0.7)")
-    r.add_argument("--batch", type=int, default=64, help="images per generator call (default: 64)")
+    add_seeded_face_options(r, batch=64)
     r.add_argument("--pairs-per-task", type=int, default=8,
                    help="pairs per unit of work; the result does not depend on it (default: 8)")
-    r.add_argument("--lowpass", type=int, default=16,
-                   help="side of the low-pass image the appearance change is measured on (default: 16)")
     r.add_argument("--epsilon", type=float, default=0.5,
                    help="grey levels added to the appearance change before dividing (default: 0.5)")
     r.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -87,27 +81,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--out", required=True, help="rank table to write (.parquet)")
     i.set_defaults(func=run_import)
     p.set_defaults(func=lambda args: p.print_help() or 2)
-
-
-def _split(uri: str):
-    from facegen.engine.storage import Storage
-
-    folder, _, name = uri.rpartition("/")
-    if not name:
-        raise UserError(f"{uri}: expected a file name")
-    return Storage(folder or "."), name
-
-
-def _read(uri: str) -> bytes:
-    storage, name = _split(uri)
-    if not storage.exists(name):
-        raise UserError(f"{uri}: file not found")
-    return storage.read_bytes(name)
-
-
-def _write(uri: str, data: bytes) -> None:
-    storage, name = _split(uri)
-    storage.write_bytes(name, data)
 
 
 def _progress(label: str):
@@ -142,7 +115,7 @@ def run_rank(args: argparse.Namespace) -> int:
             table = rank(space, embedder, job, run_on_ray(generator, embedder, job, args.actors, progress=progress))
     else:
         table = rank(space, embedder, job, run_locally(Scorer(space, embedder, job), progress))
-    _write(args.out, ranks_bytes(table))
+    write_uri(args.out, ranks_bytes(table))
     for name in job.spaces:
         for width in job.widths:
             _print_top(table, name, width)
@@ -158,22 +131,16 @@ def _print_top(table, name: str, width: int, count: int = 5) -> None:
     print(f"{name} width {width or 'layer'}: top {len(rows)}: {best}")
 
 
-def _space(path: str):
-    from facegen.models.loading import load_generator
-    from facegen.models.rendering import open_latent_spaces
-
-    return open_latent_spaces(load_generator(path))
-
-
 def run_export(args: argparse.Namespace) -> int:
     import numpy as np
 
     from facegen.engine.anonymise.rank import read_ranks, to_grid
 
-    grid = to_grid(read_ranks(_read(args.ranks), args.ranks), _space(args.generator), args.space, args.width)
+    table = read_ranks(read_uri(args.ranks), args.ranks)
+    grid = to_grid(table, open_swap_space(args.generator), args.space, args.width)
     buffer = io.BytesIO()
     np.save(buffer, grid.astype(np.float32), allow_pickle=False)
-    _write(args.out, buffer.getvalue())
+    write_uri(args.out, buffer.getvalue())
     print(f"wrote {args.space} width {args.width} scores {list(grid.shape)} to {args.out}")
     return 0
 
@@ -184,10 +151,10 @@ def run_import(args: argparse.Namespace) -> int:
     from facegen.engine.anonymise.rank import from_grid, ranks_bytes
 
     try:
-        grid = np.load(io.BytesIO(_read(args.array)), allow_pickle=False)  # never unpickle a downloaded file
+        grid = np.load(io.BytesIO(read_uri(args.array)), allow_pickle=False)  # never unpickle a downloaded file
     except ValueError as err:
         raise UserError(f"{args.array}: not a plain .npy array ({err})") from None
-    table = from_grid(grid, _space(args.generator), args.space, args.width)
-    _write(args.out, ranks_bytes(table))
+    table = from_grid(grid, open_swap_space(args.generator), args.space, args.width)
+    write_uri(args.out, ranks_bytes(table))
     print(f"wrote {table.num_rows} ranked units to {args.out}")
     return 0
