@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,10 @@ import ray
 import torch
 from ray import exceptions as rex
 
-from facegen.engine.job import load_bundle, run_shard
+from facegen.engine.job import load_bundle, prepare_shard, publish_shard
+from facegen.engine.lease import LeaseGuard
 from facegen.engine.phases import Identities, Proposals, propose
+from facegen.engine.pipeline import OverlapLocks
 from facegen.engine.spec import JobSpec
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
@@ -49,12 +52,21 @@ def user_error_of(err: BaseException) -> UserError | None:
 
 
 class GeneratorWorker:
-    """One generator actor: the engine's propose / run_shard on a bundle loaded once."""
+    """One generator actor: the engine's propose / run_shard on a bundle loaded once.
 
-    def __init__(self, spec: JobSpec, out: Storage, index: Any | None, num_threads: int):
+    With `run.overlap` the actor runs two tasks at a time (`max_concurrency=2`, see `WorkerPlan`):
+    one computes a shard while the other encodes and writes the previous one (`OverlapLocks`), as
+    `engine.pipeline` does in the local executor. Every shard is published only while `guard` (the
+    driver's lease on the output) holds: an actor that outlives its driver stops publishing before
+    the lease can be taken over by another run."""
+
+    def __init__(self, spec: JobSpec, out: Storage, index: Any | None, num_threads: int,
+                 guard: LeaseGuard | None = None):
         # Any count gives the same bytes (the 1x1 heads are GEMMs, `models.ops.conv1x1`); plan_workers
         # gives one thread per CPU slot.
         torch.set_num_threads(num_threads)
+        self.threads, self.guard, self.overlap = num_threads, guard, spec.run.overlap
+        self.locks = OverlapLocks()
         self.out, self.error = out, None
         self._identities_ref, self._identities = None, None
         try:
@@ -73,7 +85,9 @@ class GeneratorWorker:
                 "threads": torch.get_num_threads()}
 
     def propose(self, slots) -> Proposals:
-        return propose(self.bundle, slots)
+        with self.locks.compute:
+            torch.set_num_threads(self.threads)  # per thread: a threaded actor runs tasks on its own threads
+            return propose(self.bundle, slots)
 
     def run_shard(self, identities_box: list, shard_id: int) -> dict:
         """`identities_box` is [ObjectRef]: boxed so Ray does not fetch the table for every shard."""
@@ -81,7 +95,26 @@ class GeneratorWorker:
         if ref != self._identities_ref:
             self._identities, self._identities_ref = ray.get(ref), ref
         identities: Identities = self._identities
-        return run_shard(self.bundle, identities, self.out, shard_id)
+        guard = self.guard.check if self.guard else None
+        locks, clock = self.locks, time.perf_counter
+        with locks.compute:
+            torch.set_num_threads(self.threads)
+            start = clock()
+            prepared = prepare_shard(self.bundle, identities, shard_id)
+            computed = clock()
+            if not self.overlap:
+                marker = publish_shard(self.bundle.spec.output, self.out, prepared, guard, self.threads)
+                locks.add(shards=1, compute_s=computed - start, write_s=clock() - computed)
+                return marker
+        with locks.write:  # waiting here is the device's idle time: the writer is behind
+            writing = clock()
+            torch.set_num_threads(self.threads)
+            marker = publish_shard(self.bundle.spec.output, self.out, prepared, guard, self.threads)
+        locks.add(shards=1, compute_s=computed - start, wait_s=writing - computed, write_s=clock() - writing)
+        return marker
+
+    def stage_times(self) -> dict:
+        return self.locks.times.as_dict()
 
 
 RemoteGeneratorWorker = ray.remote(GeneratorWorker)
@@ -96,8 +129,12 @@ class WorkerPlan:
     num_cpus: float = 1.0
     threads: int = 1
 
+    overlap: bool = True
+
     def options(self) -> dict:
-        return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
+        # Two tasks at a time when overlapping: one computes while the other writes (GeneratorWorker).
+        return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD",
+                "max_concurrency": 2 if self.overlap else 1}
 
 
 def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
@@ -112,7 +149,7 @@ def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
     if gpus and spec.run.device != "cpu":
         # The CPUs beside each GPU encode PNGs (the shard encoder pool uses the actor's torch threads).
         return WorkerPlan(min(gpus, wanted or gpus), num_gpus=1.0, num_cpus=1.0 if cpus >= gpus * 2 else 0.0,
-                          threads=max(1, int(cpus) // gpus))
+                          threads=max(1, int(cpus) // gpus), overlap=spec.run.overlap)
     if spec.run.device == "cuda":
         raise UserError("run.device: cuda requested but the Ray cluster has no GPU")
     if cpus < 1:
@@ -122,7 +159,7 @@ def plan_workers(spec: JobSpec, resources: dict[str, float]) -> WorkerPlan:
     # Whole CPUs when there are enough (Ray then never packs more threads than cores onto a node);
     # a fraction when run.num_workers asks for more actors than CPUs.
     num_cpus = float(int(share)) if share >= 1 else round(share, 4)
-    return WorkerPlan(count, num_cpus=num_cpus, threads=max(1, int(share)))
+    return WorkerPlan(count, num_cpus=num_cpus, threads=max(1, int(share)), overlap=spec.run.overlap)
 
 
 @dataclass
@@ -241,6 +278,18 @@ class GeneratorPool:
         self.slots[index] = Slot(actor, generation=old.generation + 1, starting=actor.ready.remote(),
                                  failed_starts=failed_starts)
         self.replaced += 1
+
+    def stage_times(self) -> dict:
+        """The serving actors' stage times, summed (`engine.pipeline.StageTimes`; a replaced actor's
+        are lost with it)."""
+        from facegen.engine.pipeline import StageTimes
+
+        total = StageTimes()
+        serving = [s.actor for s in self.slots if s.starting is None]
+        with contextlib.suppress(Exception):
+            for times in ray.get([actor.stage_times.remote() for actor in serving], timeout=60):
+                total.add(times)
+        return total.as_dict()
 
     def shutdown(self) -> None:
         for slot in self.slots:

@@ -81,8 +81,9 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
     (tests, dashboards).
     """
     started = time.monotonic()
-    spec, out, _ = open_job(spec, resume, load=False)
-    with ray_connection(spec.run.address):
+    job = open_job(spec, resume, load=False)
+    with job.lease, ray_connection(job.spec.run.address):
+        spec, out, guard = job.spec, job.out, job.lease.guard()
         plan = plan_workers(spec, ray.cluster_resources())
         index = open_driver_index(spec, out, plan)
         placement = choose_placement(spec.run.index_placement, index.count * index.dim * 4, plan.num_workers,
@@ -94,7 +95,7 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
                 count = spec.run.index_actors or index.num_shards
                 remote.append(RemoteIndex.start(index, count, max_restarts=spec.run.max_retries))
             return RemoteGeneratorWorker.options(**plan.options()).remote(
-                spec, out, remote[0] if remote else None, plan.threads)
+                spec, out, remote[0] if remote else None, plan.threads, guard)
 
         pool = GeneratorPool(new_actor, plan.num_workers, capacity=IN_FLIGHT_PER_ACTOR,
                              max_failed_starts=spec.run.max_retries, on_event=on_event)
@@ -103,6 +104,7 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
             identities, selection = select_identities(spec, out, proposer, progress)
             todo = pending_shards(spec, out, len(identities))
             shards = ShardScheduler(pool, spec.run.max_retries, on_event).run(identities, todo, progress)
+            stages = pool.stage_times()
         finally:
             pool.shutdown()
             for r in remote:
@@ -113,6 +115,7 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
         "cpus_per_worker": plan.num_cpus, "nodes": len(pool.nodes), "index_placement": placement,
         "index_actors": remote[0].num_actors if remote else 0, "actors_replaced": pool.replaced,
         "proposal_retries": proposer.retries, **shards, "seconds": round(time.monotonic() - started, 3),
+        "overlap": spec.run.overlap, "stages": stages,
     }
     log.info("ray executor: %s", report["executor"])
     return report

@@ -20,6 +20,7 @@ from facegen.engine.quality import Gate, no_gate
 from facegen.engine.repair import Repair, SwapTargets
 from facegen.engine.seeding import Stream, draw_keys, normal
 from facegen.engine.spec import JobSpec
+from facegen.engine.transfer import HostCopy, compile_networks
 from facegen.models.embedder import FaceEmbedder
 from facegen.models.errors import UserError
 from facegen.models.generator import images_to_uint8
@@ -67,6 +68,8 @@ class Bundle:
         self.renderer = open_generator(self.generator, generator_settings(self.spec))
         repair = self.spec.privacy.repair
         self.repair = None if repair is None else Repair.open(repair, self.renderer)
+        if self.spec.run.compile:
+            compile_networks(self.generator, self.embedder)
 
     @property
     def c_dim(self) -> int:
@@ -116,6 +119,9 @@ class Bundle:
     def _evaluate_batch(self, conditions: np.ndarray, latent_keys: np.ndarray,
                         targets: SwapTargets | None) -> Candidates:
         vis, nir = self.render(conditions, latent_keys, targets)
+        # The images travel to the host while the embedder runs (pinned, non-blocking on CUDA).
+        vis_host = HostCopy(vis.permute(0, 2, 3, 1))
+        nir_host = None if nir is None else HostCopy(nir[:, 0])
         output, seen = self.spec.output, vis
         if output.image_format != "png":
             # Certify the pixels a reader will decode, not the ones before lossy compression; the shard
@@ -131,8 +137,8 @@ class Bundle:
         invalid = ~torch.isfinite(embedding).all(dim=1).cpu().numpy()
         sims[invalid] = np.inf
         return Candidates(
-            vis=vis.permute(0, 2, 3, 1).cpu().numpy(),
-            nir=None if nir is None else nir[:, 0].cpu().numpy(),
+            vis=vis_host.numpy(),
+            nir=None if nir_host is None else nir_host.numpy(),
             embedding=embedding,
             real_sim=sims,
             real_row=rows,

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,12 @@ import torch
 from facegen.engine.bundle import Bundle, check_compatible, check_generator, generator_settings
 from facegen.engine.dataset.formats import shard_writer
 from facegen.engine.dataset.manifest import is_complete, remove_incomplete
-from facegen.engine.dataset.samples import ShardBatch, sample_key
+from facegen.engine.dataset.samples import ShardBatch
 from facegen.engine.expand import expand_shard
 from facegen.engine.identities import IDENTITIES_FILE, read_identities, write_identities
 from facegen.engine.index.compat import check_embedder
 from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.lease import Lease
 from facegen.engine.phases import Identities, Proposals, Selection
 from facegen.engine.private import write_nearest
 from facegen.engine.progress import progress_bar
@@ -43,25 +45,29 @@ log = logging.getLogger("facegen")
 COMPAT_INDEX_DIR = "privacy-index"
 
 
-def check_output(spec: JobSpec, resume: bool) -> Storage:
-    """Check the output location (writable; a job to resume, or empty) without writing anything."""
+def check_output(spec: JobSpec, resume: bool) -> tuple[Storage, Lease]:
+    """Check the output location (writable; a job to resume, or empty) and take its lease (one writer
+    per output, `engine.lease`; heartbeating from here on) without writing anything else."""
     out = Storage(spec.output.uri, spec.output.storage_options)
     existed = out.exists()
     out.check_writable()
+    lease = Lease(out, spec.run.lease_ttl)
     try:
+        lease.acquire(wait=spec.run.lease_wait).start_heartbeat()
         if out.exists("job.sha256"):
             if not resume:
                 raise UserError(f"{out.uri} already holds a job; pass --resume to continue it, or choose another "
                                 "output")
-            return out
+            return out, lease
         leftovers = [name for name in out.list() if not name.startswith(".")]
         if leftovers:
             raise UserError(f"{out.uri} is not empty and holds no facegen job ({', '.join(leftovers[:5])})")
-    except UserError:
+    except BaseException:
+        lease.release()
         forget_output(out, existed)
         raise
     out.existed = existed  # so a later refusal can leave the location as it was found
-    return out
+    return out, lease
 
 
 def forget_output(out: Storage, existed: bool) -> None:
@@ -87,23 +93,32 @@ def write_job(out: Storage, spec: JobSpec) -> None:
     out.write_text("job.sha256", digest + "\n")
 
 
-def open_job(spec: JobSpec, resume: bool, *, load: bool = True) -> tuple[JobSpec, Storage, Bundle | None]:
-    """Everything before the first byte of a job: output checks, models and index loaded, every
-    compatibility checked and `privacy.threshold: auto` resolved; only then `job.yaml` is written.
-    Returns the resolved spec (what job.yaml holds), the output and, with `load`, the bundle."""
-    out = check_output(spec, resume)
+@dataclass
+class OpenJob:
+    """What `open_job` hands an executor: the resolved spec (what job.yaml holds), the output, the
+    output's lease (release it when the run ends) and, when loaded, the bundle."""
+
+    spec: JobSpec
+    out: Storage
+    lease: Lease
+    bundle: Bundle | None = None
+
+
+def open_job(spec: JobSpec, resume: bool, *, load: bool = True) -> OpenJob:
+    """Everything before the first byte of a job: output checked and leased, models and index loaded,
+    every compatibility checked and `privacy.threshold: auto` resolved; only then `job.yaml` is
+    written."""
+    out, lease = check_output(spec, resume)
     try:
         spec, models = resolve_job(spec)
         write_job(out, spec)
-    except (UserError, JobFailed):
-        forget_output(out, getattr(out, "existed", True))
+        bundle = load_bundle(spec, out, models) if load else None
+    except BaseException as err:
+        lease.release()
+        if isinstance(err, (UserError, JobFailed)):
+            forget_output(out, getattr(out, "existed", True))
         raise
-    return spec, out, (load_bundle(spec, out, models) if load else None)
-
-
-def open_output(spec: JobSpec, resume: bool) -> Storage:
-    """`open_job` without keeping the models (callers that load them elsewhere)."""
-    return open_job(spec, resume, load=False)[1]
+    return OpenJob(spec, out, lease, bundle)
 
 
 def _index_info(spec: JobSpec):
@@ -304,21 +319,48 @@ def shards_for(spec: JobSpec, num_identities: int) -> int:
     return -(-num_identities // spec.identities_per_shard)
 
 
-def run_shard(bundle: Bundle, identities: Identities, out: Storage, shard_id: int) -> dict:
-    """Phase 3 for one shard; returns its marker. Writing is shard file, then manifest, then marker."""
+@dataclass
+class PreparedShard:
+    """One shard's accepted samples, decided and ready to write (what `prepare_shard` computes on the
+    device and `publish_shard` encodes and writes on the CPU)."""
+
+    shard_id: int
+    batch: ShardBatch
+    stats: dict
+    nearest: Any  # the private nearest-real table (engine.private), or None
+
+
+def prepare_shard(bundle: Bundle, identities: Identities, shard_id: int) -> PreparedShard:
+    """Phase 3's computation for one shard: render, embed, decide; images copied to the host."""
     spec = bundle.spec
     expanded = expand_shard(bundle, identities, shard_labels(spec, len(identities), shard_id))
     expanded.stats["certificate"] = certificate(spec, bundle.embedder, bundle.index,
                                                 nir_written=expanded.nir is not None)
-    if expanded.nearest is not None:  # before the marker: a complete shard always has its private table
-        keys = [sample_key(int(a), int(b)) for a, b in zip(expanded.labels, expanded.samples)]
-        write_nearest(out, shard_id, keys, expanded.nearest, [m["privacy_max_sim"] for m in expanded.metas])
     batch = ShardBatch(labels=expanded.labels, samples=expanded.samples, vis=expanded.vis,
                        nir=expanded.nir, metas=expanded.metas)
+    return PreparedShard(shard_id, batch, expanded.stats, expanded.nearest)
+
+
+def publish_shard(output: Any, out: Storage, prepared: PreparedShard,
+                  guard: Callable[[], None] | None = None, workers: int | None = None) -> dict:
+    """Phase 3's writing for one shard: the private table, then shard file, manifest and marker;
+    returns the marker. `guard` (the run's lease) is checked before anything is published."""
+    guard = guard or (lambda: None)
+    batch = prepared.batch
+    if prepared.nearest is not None:  # before the marker: a complete shard always has its private table
+        guard()
+        write_nearest(out, prepared.shard_id, batch.keys(), prepared.nearest,
+                      [m["privacy_max_sim"] for m in batch.metas])
     # The encoder pool gets this process's CPU budget (Ray does not pin actors to cores).
-    result = shard_writer(spec.output).write(out, shard_id, batch, stats=expanded.stats,
-                                             workers=torch.get_num_threads())
+    result = shard_writer(output).write(out, prepared.shard_id, batch, stats=prepared.stats,
+                                        workers=workers or torch.get_num_threads(), guard=guard)
     return result.marker
+
+
+def run_shard(bundle: Bundle, identities: Identities, out: Storage, shard_id: int,
+              guard: Callable[[], None] | None = None) -> dict:
+    """Phase 3 for one shard, computed then written; returns its marker."""
+    return publish_shard(bundle.spec.output, out, prepare_shard(bundle, identities, shard_id), guard)
 
 
 def certificate(spec: JobSpec, embedder: Any, index: Any, *, nir_written: bool) -> dict:

@@ -1,22 +1,31 @@
-"""The local executor: every unit of a job (`engine.job`) in this process, in order."""
+"""The local executor: every unit of a job (`engine.job`) in this process, in order; shard k+1 is
+computed while shard k is encoded and written (`engine.pipeline`, unless `run.overlap` is off)."""
 
 from __future__ import annotations
 
-from facegen.engine.job import open_job, pending_shards, run_shard, select_identities
+from facegen.engine.job import open_job, pending_shards, prepare_shard, publish_shard, select_identities
 from facegen.engine.phases import propose
+from facegen.engine.pipeline import ShardPipeline
 from facegen.engine.progress import progress_bar
 from facegen.engine.spec import JobSpec
 from facegen.engine.summary import finalize
 
 
 def run_local(spec: JobSpec, resume: bool = False, progress: bool = True) -> dict:
-    """The whole job in this process; returns the report (`engine.summary.finalize`)."""
-    spec, out, bundle = open_job(spec, resume)
-    proposer = lambda blocks: (propose(bundle, block) for block in blocks)  # noqa: E731
-    identities, selection = select_identities(spec, out, proposer, progress)
-    todo = pending_shards(spec, out, len(identities))
-    with progress_bar(len(todo), "shards", "shard", progress) as bar:
-        for shard_id in todo:
-            run_shard(bundle, identities, out, shard_id)
-            bar.update(1)
-    return finalize(spec, out, identities, selection, bundle.index)
+    """The whole job in this process; returns the report (`engine.summary.finalize`) plus an
+    `executor` section with the stage times (compute, write, wait for the writer)."""
+    job = open_job(spec, resume)
+    with job.lease:
+        spec, out, bundle = job.spec, job.out, job.bundle
+        guard = job.lease.guard()
+        proposer = lambda blocks: (propose(bundle, block) for block in blocks)  # noqa: E731
+        identities, selection = select_identities(spec, out, proposer, progress)
+        todo = pending_shards(spec, out, len(identities))
+        with progress_bar(len(todo), "shards", "shard", progress) as bar:
+            pipeline = ShardPipeline(lambda shard_id: prepare_shard(bundle, identities, shard_id),
+                                     lambda prepared: publish_shard(spec.output, out, prepared, guard.check),
+                                     overlap=spec.run.overlap, on_written=lambda marker: bar.update(1))
+            stages = pipeline.run(todo)
+        report = finalize(spec, out, identities, selection, bundle.index)
+    report["executor"] = {"kind": "local", "overlap": spec.run.overlap, "stages": stages.as_dict()}
+    return report

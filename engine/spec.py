@@ -186,6 +186,12 @@ class RunSpec(_Section):
     index_placement: IndexPlacement = Field(
         "auto", description="privacy index: a replica in every generator actor, or index-shard actors")
     index_actors: int | None = Field(None, ge=1, description="index-shard actors (default: one per index shard)")
+    overlap: bool = Field(True, description="compute the next shard while the previous one is encoded and written")
+    compile: bool = Field(False, description="torch.compile the synthesis network and the embedder (inductor)")
+    lease_ttl: float = Field(30.0, gt=0, le=3600, description="seconds a run's lease on its output outlives its "
+                             "last heartbeat (a killed run's output can be resumed this long after)")
+    lease_wait: float = Field(0.0, ge=0, description="seconds to wait for another live run's lease on the output "
+                              "before refusing")
 
 
 class JobSpec(_Section):

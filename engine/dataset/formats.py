@@ -9,7 +9,7 @@ and the name in `OutputSpec.format`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from facegen.engine.dataset.samples import RawSample, Sample, ShardBatch, ShardResult
@@ -21,10 +21,11 @@ from facegen.models.errors import UserError
 
 class ShardWriter(Protocol):
     """Writes one shard batch and publishes it: shard file, then manifest, then the completion
-    marker, each atomic. Rewriting the same batch must give identical bytes."""
+    marker, each atomic. Rewriting the same batch must give identical bytes. `guard()` is called
+    before any marker is removed or written, and raises when this writer may no longer publish."""
 
     def write(self, storage: Storage, shard_id: int, batch: ShardBatch, *, stats: dict[str, Any] | None = None,
-              workers: int | None = None) -> ShardResult: ...
+              workers: int | None = None, guard: Callable[[], None] | None = None) -> ShardResult: ...
 
 
 class ShardReader(Protocol):

@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -114,11 +114,15 @@ def _write_tar(handle: IO[bytes], batch: ShardBatch, metas: list[dict[str, Any]]
 # -- the public entry point -------------------------------------------------------------------
 def write_shard(storage: Storage, shard_id: int, batch: ShardBatch, *, name: str = "facegen",
                 image_format: str = "png", jpeg_quality: int = 95, png_compress_level: int = 1,
-                stats: dict[str, Any] | None = None, workers: int | None = None) -> ShardResult:
+                stats: dict[str, Any] | None = None, workers: int | None = None,
+                guard: Callable[[], None] | None = None) -> ShardResult:
     """Write shard `shard_id`: tar, then manifest, then the completion marker (each atomic).
 
     `jpeg_quality` applies to JPEG and WebP. Rewriting the same batch yields identical bytes.
+    `guard` runs before the old marker is removed and before the new one is written (the only
+    writes that change what the dataset holds); it raises to stop a writer that may not publish.
     """
+    guard = guard or (lambda: None)
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise ValueError(f"shard name: letters, digits, '_' and '-' only, got {name!r}")
     if image_format not in IMAGE_FORMATS:
@@ -129,6 +133,7 @@ def write_shard(storage: Storage, shard_id: int, batch: ShardBatch, *, name: str
     vis_ext = "jpg" if image_format == "jpeg" else image_format
     shard_file = shard_file_name(name, shard_id)
     # A stale marker must not vouch for the files about to be replaced.
+    guard()
     storage.delete(marker_path(shard_id))
 
     # Phase 1: the tar, encoded while it streams into a temp file; published only when whole.
@@ -149,6 +154,7 @@ def write_shard(storage: Storage, shard_id: int, batch: ShardBatch, *, name: str
     storage.write_bytes(manifest_path(shard_id), manifest)
 
     # Phase 3: the marker, last; from now on the shard exists.
+    guard()
     marker = {
         "format_version": MARKER_VERSION, "shard_id": shard_id, "shard_file": shard_file,
         "sha256": sha256, "num_bytes": num_bytes, "num_samples": n, "first_key": keys[0],
@@ -170,10 +176,10 @@ class WebDatasetWriter:
     png_compress_level: int = 1
 
     def write(self, storage: Storage, shard_id: int, batch: ShardBatch, *, stats: dict[str, Any] | None = None,
-              workers: int | None = None) -> ShardResult:
+              workers: int | None = None, guard: Callable[[], None] | None = None) -> ShardResult:
         return write_shard(storage, shard_id, batch, name=self.name, image_format=self.image_format,
                            jpeg_quality=self.jpeg_quality, png_compress_level=self.png_compress_level,
-                           stats=stats, workers=workers)
+                           stats=stats, workers=workers, guard=guard)
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ Sections (each time-boxed; a section that runs out of time records what it skipp
   png          PNG encode images/s per core (the shard encoder's settings), and the cores one
                device needs to keep up with the generator
   end_to_end   the demo job through the local executor: samples/s and candidates/s
+  overlap      the same job with shard writing overlapped (`run.overlap`) and not: phase 3 wall time,
+               compute / write / wait seconds, and the shards of both byte for byte
+  compile      `Bundle.evaluate` with `run.compile` (torch.compile, inductor) vs eager: compile time,
+               candidates/s, largest difference of embeddings and privacy similarities
+  train        `facegen bench train`'s phase breakdown (and worker scaling on a GPU): s/kimg
 
 Roofline share = achieved FLOP/s ÷ the device's peak for the precision used, where achieved FLOP/s =
 items/s × FLOPs per item counted by `torch.utils.flop_counter` (convolutions and matrix products).
@@ -48,7 +53,8 @@ from facegen.jobs.benchmarks.roofline import count_flops, device_peak, share
 from facegen.jobs.benchmarks.suite_report import format_markdown
 from facegen.models.errors import UserError
 
-SECTIONS = ("environment", "correctness", "generator", "embedder", "evaluate", "privacy", "png", "end_to_end")
+SECTIONS = ("environment", "correctness", "generator", "embedder", "evaluate", "privacy", "png", "end_to_end",
+            "overlap", "compile", "train")
 
 @dataclass(frozen=True)
 class Plan:
@@ -74,9 +80,10 @@ class Plan:
     png_images: int = 64
     png_processes: int = 0  # 0 = every core
     min_seconds: float = 0.5  # each timing repeats its step for at least this long
+    overlap_samples_per_shard: int = 32
     budgets: dict[str, float] = field(default_factory=lambda: {
-        "environment": 5, "correctness": 40, "generator": 120, "embedder": 50, "evaluate": 40,
-        "privacy": 80, "png": 15, "end_to_end": 50})
+        "environment": 5, "correctness": 30, "generator": 90, "embedder": 40, "evaluate": 30,
+        "privacy": 60, "png": 10, "end_to_end": 30, "overlap": 45, "compile": 60, "train": 60})
 
 
 FULL = Plan()
@@ -84,8 +91,9 @@ QUICK = Plan(resolution=32, channel_base=256, channel_max=32, z_dim=32, c_dim=32
              embedder_depth=18, embedder_width=8, embedder_input=32, embedding_dim=32, correctness_batch=2,
              gallery=500, evaluate_batch=2, evaluate_candidates=4, evaluate_enrolled=500,
              privacy_sizes=(1000, 4000), privacy_queries=64, png_images=4, png_processes=1, min_seconds=0.0,
+             overlap_samples_per_shard=2,
              budgets={"environment": 10, "correctness": 30, "generator": 30, "embedder": 30, "evaluate": 60,
-                      "privacy": 30, "png": 10, "end_to_end": 120})
+                      "privacy": 30, "png": 10, "end_to_end": 120, "overlap": 120, "compile": 300, "train": 120})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -223,6 +231,7 @@ class Suite:
         self._models: tuple | None = None
         self.flops: dict[str, int] = {}
         self.best_generator_rate: float | None = None
+        self.compile_backend = "aot_eager" if quick else "inductor"
 
     # ----- models -----------------------------------------------------------------------------------
     def models(self):
@@ -498,18 +507,23 @@ class Suite:
                 "cores_to_match_generator": None if not best else best / one_core,
                 "note": "VIS RGB + NIR gray pair per image, PNG compress_level 1 (the shard encoder's)"}
 
-    def end_to_end(self, deadline: Deadline) -> dict:
-        from facegen.engine.job import load_bundle
-        from facegen.engine.local import run_local
+    def demo_spec(self, folder: str, *overrides: str):
+        """The demo job (models, index and spec written under `folder`) on this device, local executor."""
         from facegen.engine.spec import build_spec
         from facegen.jobs.demo import prepare_demo
 
+        spec = prepare_demo(Path(folder) / "demo", population=40 if self.quick else 400)
+        settings = [f"run.device={self.device.type}", "run.executor=local"]
+        if self.quick:
+            settings += ["identities=2", "samples_per_identity=2", "batch_size=8"]
+        return build_spec(json.loads(spec.model_dump_json()), settings + list(overrides))
+
+    def end_to_end(self, deadline: Deadline) -> dict:
+        from facegen.engine.job import load_bundle
+        from facegen.engine.local import run_local
+
         with tempfile.TemporaryDirectory() as folder:
-            spec = prepare_demo(Path(folder) / "demo", population=40 if self.quick else 400)
-            overrides = [f"run.device={self.device.type}", "run.executor=local"]
-            if self.quick:
-                overrides += ["identities=2", "samples_per_identity=2", "batch_size=8"]
-            spec = build_spec(json.loads(spec.model_dump_json()), overrides)
+            spec = self.demo_spec(folder)
             flops = candidate_flops(load_bundle(spec))
             start = time.perf_counter()
             report = run_local(spec, progress=False)
@@ -522,7 +536,87 @@ class Suite:
                 "samples": samples, "seconds": round(seconds, 3), "samples_per_s": samples / seconds,
                 "candidates_per_s": rate, "flops_per_candidate": flops,
                 "roofline_share": share(rate, flops, self.peak, "fp32"),
+                "stages": report["executor"]["stages"],
                 "note": "includes model loading, selection, PNG encoding and writing"}
+
+    def overlap(self, deadline: Deadline) -> dict:
+        """Phase 3 with shard writing overlapped and inline, same job, same run; the shards must be
+        identical byte for byte (the overlap changes when bytes are written, never which)."""
+        from facegen.engine.local import run_local
+
+        rows, shard_digests = [], {}
+        with tempfile.TemporaryDirectory() as folder:
+            sizes = ["identities=4"] if self.quick else []
+            base = self.demo_spec(folder, *sizes, f"output.samples_per_shard={self.plan.overlap_samples_per_shard}")
+            for overlap in (False, True):
+                if deadline.expired():
+                    rows.append({"overlap": overlap, "skipped": "time budget"})
+                    continue
+                out = Path(folder) / f"overlap-{overlap}"
+                spec = base.model_copy(update={
+                    "output": base.output.model_copy(update={"uri": str(out)}),
+                    "run": base.run.model_copy(update={"overlap": overlap})})
+                report = run_local(spec, progress=False)
+                stages = report["executor"]["stages"]
+                rows.append({"overlap": overlap, "samples": report["samples"]["written"], **stages,
+                             "samples_per_s": report["samples"]["written"] / max(stages["wall_s"], 1e-9)})
+                shard_digests[overlap] = _folder_digests(out, ("shards", "manifest", "done"))
+        result: dict[str, Any] = {"rows": rows, "note": "phase 3 only (expand, encode, write); wall_s is its time"}
+        if len(shard_digests) == 2:
+            result["identical_shards"] = shard_digests[False] == shard_digests[True]
+            result["speedup"] = rows[0]["wall_s"] / max(rows[1]["wall_s"], 1e-9)
+        return result
+
+    def compile(self, deadline: Deadline) -> dict:
+        """`Bundle.evaluate` with torch.compile'd networks (`run.compile`) against eager, same weights."""
+        from facegen.engine.bundle import Bundle
+        from facegen.engine.phases import conditions_for
+        from facegen.engine.seeding import Stream, draw_keys
+        from facegen.engine.spec import build_spec
+        from facegen.engine.transfer import compile_networks
+
+        p = self.plan
+        generator, embedder = self.models()
+        tree = {"batch_size": p.evaluate_batch, "generator": {"path": "-"}, "embedder": {"path": "-"},
+                "privacy": {"threshold": 0.5}, "index": {"uri": "-"}, "output": {"uri": "-"}}
+        with tempfile.TemporaryDirectory() as folder:
+            index = _random_index(folder, p.evaluate_enrolled, embedder, self.device)
+            eager = Bundle(generator, embedder, index, self.device, build_spec(tree))
+            slots = np.arange(p.evaluate_candidates)
+            conditions, keys = conditions_for(eager, slots), draw_keys(0, Stream.LATENT, slots, 0)
+            eager_s = timed(lambda: eager.evaluate(conditions, keys), self.device, p.min_seconds, max_iters=3)
+            reference = eager.evaluate(conditions, keys)
+            # Copies: compiling is in place, and the other sections time the eager modules. --quick
+            # traces with dynamo but skips inductor's C++ build (minutes on a small CPU; the inductor
+            # path itself is tested on a tiny model, tests/engine/test_compile.py).
+            compiled = Bundle(copy.deepcopy(generator), copy.deepcopy(embedder), index, self.device,
+                              build_spec(tree))
+            compile_networks(compiled.generator, compiled.embedder, backend=self.compile_backend)
+            start = time.perf_counter()
+            first = compiled.evaluate(conditions, keys)  # compiles (every batch shape seen here)
+            sync(self.device)
+            compile_s = time.perf_counter() - start
+            row: dict[str, Any] = {"compile_s": compile_s, "eager_candidates_per_s": p.evaluate_candidates / eager_s}
+            if deadline.expired():
+                row["compiled_candidates_per_s"] = "skipped: time budget"
+            else:
+                seconds = timed(lambda: compiled.evaluate(conditions, keys), self.device, p.min_seconds, max_iters=3)
+                row["compiled_candidates_per_s"] = p.evaluate_candidates / seconds
+                row["speedup"] = eager_s / seconds
+            levels = np.abs(first.vis.astype(np.int16) - reference.vis.astype(np.int16))
+            row.update(max_embedding_diff=float((first.embedding - reference.embedding).abs().max()),
+                       max_similarity_diff=float(np.abs(first.real_sim - reference.real_sim).max()),
+                       uint8_changed_fraction=float((levels > 0).mean()), uint8_max_level_change=int(levels.max()))
+        return {"backend": self.compile_backend, "batch": p.evaluate_batch, "candidates": p.evaluate_candidates,
+                "enrolled": p.evaluate_enrolled, **row}
+
+    def train(self, deadline: Deadline) -> dict:
+        """`facegen bench train`: the in-process phase breakdown; on a GPU also Ray Train with 1 worker."""
+        from facegen.jobs.benchmarks.train import bench_args, run_train_bench
+
+        args = bench_args(quick=self.quick, device=self.device.type, scaling=self.device.type == "cuda",
+                          workers="1")
+        return run_train_bench(args)
 
 
 def candidate_flops(bundle) -> int:
@@ -534,6 +628,13 @@ def candidate_flops(bundle) -> int:
     image = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device)
     with torch.inference_mode():
         return count_flops(lambda: g(z, c)) + count_flops(lambda: bundle.embedder.embed(image))
+
+
+def _folder_digests(root: Path, folders: tuple[str, ...]) -> dict[str, str]:
+    import hashlib
+
+    return {f"{sub}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+            for sub in folders for p in sorted((root / sub).iterdir())}
 
 
 def _encode_pair(image: np.ndarray) -> bytes:

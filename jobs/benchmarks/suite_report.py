@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-SECTION_ORDER = ("correctness", "generator", "embedder", "evaluate", "privacy", "png", "end_to_end")
+SECTION_ORDER = ("correctness", "generator", "embedder", "evaluate", "privacy", "png", "end_to_end", "overlap",
+                 "compile", "train")
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -88,4 +89,47 @@ def format_markdown(record: dict) -> str:
         lines += [f"End to end ({e2e['job']}): {e2e['samples']} samples in {e2e['seconds']:.1f} s = "
                   f"{e2e['samples_per_s']:.2f} samples/s, {e2e['candidates_per_s']:.1f} candidates/s "
                   f"(roofline {_pct(e2e['roofline_share'])}).", ""]
+    lines += _overlap_lines(s.get("overlap", {})) + _compile_lines(s.get("compile", {}))
+    lines += _train_lines(s.get("train", {}))
     return "\n".join(lines)
+
+
+def _overlap_lines(section: dict) -> list[str]:
+    if "rows" not in section:
+        return []
+    lines = ["Phase 3 (expand, encode, write) with shard writing overlapped and inline, same job:", "",
+             "| writing | shards | wall s | compute s | write s | wait s | samples/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in section["rows"]:
+        name = "overlapped" if r["overlap"] else "inline"
+        if "skipped" in r:
+            lines.append(f"| {name} | {r['skipped']} | | | | | |")
+        else:
+            lines.append(f"| {name} | {r['shards']} | {r['wall_s']:.2f} | {r['compute_s']:.2f} | {r['write_s']:.2f} | "
+                         f"{r['wait_s']:.2f} | {r['samples_per_s']:.2f} |")
+    if "speedup" in section:
+        same = "identical" if section["identical_shards"] else "DIFFERENT"
+        lines.append(f"\nOverlapped vs inline: {section['speedup']:.2f}× phase 3 wall time; shards {same}.")
+    return lines + [""]
+
+
+def _compile_lines(section: dict) -> list[str]:
+    if "compile_s" not in section:
+        return []
+    compiled = section["compiled_candidates_per_s"]
+    rate = compiled if isinstance(compiled, str) else f"{compiled:.2f} ({section['speedup']:.2f}× eager)"
+    return [f"torch.compile, {section['backend']} (Bundle.evaluate, batch {section['batch']}): "
+            f"compiled in {section['compile_s']:.1f} s; "
+            f"eager {section['eager_candidates_per_s']:.2f} candidates/s, compiled {rate}; largest difference "
+            f"to eager: embedding {section['max_embedding_diff']:.1e}, "
+            f"similarity {section['max_similarity_diff']:.1e}, "
+            f"uint8 levels changed {_pct(section['uint8_changed_fraction'])} (at most "
+            f"{section['uint8_max_level_change']}).", ""]
+
+
+def _train_lines(section: dict) -> list[str]:
+    if "phases" not in section and "workers" not in section:
+        return []
+    from facegen.jobs.benchmarks.train import format_results
+
+    return ["```", format_results(section), "```", ""]
