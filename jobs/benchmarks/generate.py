@@ -14,6 +14,7 @@ candidate) and reported per candidate, so the ratio compares like with like.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -29,6 +30,7 @@ from facegen.engine.phases import conditions_for
 from facegen.engine.seeding import Stream, draw_keys, normal
 from facegen.engine.spec import build_spec
 from facegen.engine.storage import Storage
+from facegen.engine.transfer import compile_networks
 from facegen.models.embedder import Preprocessing, TorchEmbedder
 from facegen.models.generator import Generator, GeneratorConfig, images_to_uint8
 from facegen.models.iresnet import IResNet, IResNetConfig
@@ -46,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, default=64, help="candidates timed for facegen per size")
     p.add_argument("--baseline-candidates", type=int, default=2, help="candidates timed for the loop per size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument("--compile", action="store_true",
+                   help="facegen's side with torch.compile'd networks (run.compile; compiled before timing)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.set_defaults(func=run)
 
@@ -58,12 +62,16 @@ def run(args: argparse.Namespace) -> int:
                                           num_fp16_res=0)).eval().requires_grad_(False)
     backbone = IResNet(IResNetConfig(depth=args.embedder_depth, base_width=args.embedder_width))
     embedder = TorchEmbedder(backbone, Preprocessing())
+    ours_models = (generator, embedder)
+    if args.compile:  # compiled copies (in place, as run.compile does): the loop keeps the eager modules
+        ours_models = (copy.deepcopy(generator), copy.deepcopy(embedder))
+        compile_networks(*ours_models)
     results = []
     print(f"{'enrolled':>9} {'facegen cand/s':>15} {'loop cand/s':>12} {'speed-up':>9}")
     for size in [int(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory() as folder:
             index = _random_index(folder, size, embedder)
-            bundle = _bundle(generator, embedder, index, args.batch)
+            bundle = _bundle(*ours_models, index, args.batch)
             ours = _time_facegen(bundle, args.candidates)
             loop = _time_loop(bundle, index, args.baseline_candidates)
         row = {"enrolled": size, "facegen_candidates_per_s": ours, "loop_candidates_per_s": loop,
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(row)
         print(f"{size:>9} {ours:>15.2f} {loop:>12.3f} {row['speedup']:>8.1f}x")
     record = {"benchmark": "generate", "resolution": args.resolution, "embedder_depth": args.embedder_depth,
-              "batch": args.batch, "threads": torch.get_num_threads(), "results": results}
+              "batch": args.batch, "threads": torch.get_num_threads(), "compile": args.compile, "results": results}
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
@@ -99,7 +107,7 @@ def _inputs(bundle: Bundle, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _time_facegen(bundle: Bundle, count: int) -> float:
     conditions, keys = _inputs(bundle, count)
-    bundle.evaluate(conditions[: bundle.spec.batch_size], keys[: bundle.spec.batch_size])  # warm-up
+    bundle.evaluate(conditions, keys)  # warm-up (and, with --compile, compiling every batch shape)
     start = time.perf_counter()
     bundle.evaluate(conditions, keys)
     return count / (time.perf_counter() - start)

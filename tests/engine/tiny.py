@@ -101,7 +101,9 @@ def write_tiny_job(folder, out: str, **overrides) -> str:
         "output": {"uri": out, "samples_per_shard": 2},
         "privacy": {"threshold": 0.95, "separability_threshold": 0.97},
         "filter": {"same_threshold": 0.6, "diversity_threshold": 0.985, "max_attempts": 100},
-        "run": {"executor": "local"},  # the Ray executor has its own tests (tests/cluster)
+        # The Ray executor has its own tests (tests/cluster). A short lease: a resume right after a
+        # `kill -9` waits for the killed run's lease to expire (engine.lease).
+        "run": {"executor": "local", "lease_ttl": 10},
     }
     for key, value in overrides.items():
         section, _, leaf = key.partition(".")
