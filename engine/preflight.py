@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from facegen.engine.lease import read_lease
 from facegen.engine.spec import JobSpec, load_spec_yaml_text, spec_diff, spec_hash
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
@@ -19,6 +20,14 @@ from facegen.models.errors import UserError
 def check_output(spec: JobSpec, resume: bool) -> str:
     """What the run would do with the output location, or the refusal it would raise (writes nothing)."""
     out = Storage(spec.output.uri, spec.output.storage_options)
+    holder = read_lease(out) if out.exists() else None
+    if holder is not None and holder.left() > 0:
+        where = f"{out.uri} is held by another facegen run, {holder.describe()}"
+        if holder.process_gone():
+            return f"{where}: its process is gone; the run would wait for the lease to expire"
+        if not spec.run.lease_wait:
+            raise UserError(f"{where}; wait for it to finish, or stop it and rerun with --resume")
+        return f"{where}: the run would wait up to {spec.run.lease_wait:g} s"
     if out.exists("job.sha256"):
         if not resume:
             raise UserError(f"{out.uri} already holds a job; pass --resume to continue it, or choose another output")
