@@ -136,3 +136,13 @@ def test_second_run_refused_while_the_first_lives_and_resume_after_kill_takes_ov
     assert time.time() >= expires  # it waited for the expiry before taking over
     assert not (out / LEASE_FILE).exists()  # released at the end
     assert_same_dataset(out, tmp_path / "reference")
+
+
+def test_dry_run_refuses_while_a_live_run_holds_the_output(tmp_path, capsys):
+    job = write_tiny_job(tmp_path, str(tmp_path / "out"))
+    out = Storage(str(tmp_path / "out"))
+    with Lease(out, ttl=30).acquire():
+        assert main(["generate", job, "--dry-run"]) == 2
+        assert f"is held by another facegen run, pid {os.getpid()}" in capsys.readouterr().err
+        assert main(["generate", job, "--dry-run", "--set", "run.lease_wait=60"]) == 0
+        assert "the run would wait up to 60 s" in capsys.readouterr().out
