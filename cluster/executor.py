@@ -43,6 +43,7 @@ from facegen.cluster.actors import (
     raise_user_error,
 )
 from facegen.cluster.remote_index import RemoteIndex
+from facegen.engine.dataset.manifest import remove_incomplete
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.job import (
     compat_index_pending,
@@ -109,6 +110,9 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
             pool.shutdown()
             for r in remote:
                 r.shutdown()
+        # An actor lost while writing leaves its temp files (its shard was redone elsewhere); the
+        # pool is gone, so no writer runs now and every unmarked file is such a leftover.
+        remove_incomplete(out)
         report = finalize(spec, out, identities, selection, index)
     report["executor"] = {
         "kind": "ray", "workers": len(pool.slots), "gpus_per_worker": plan.num_gpus,

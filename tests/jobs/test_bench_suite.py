@@ -36,11 +36,21 @@ def test_quick_suite_writes_every_section(tmp_path, capsys):
     assert [r["enrolled"] for r in sections["privacy"]["rows"]] == list(QUICK.privacy_sizes)
     assert sections["png"]["images_per_s_per_core"] > 0
     assert sections["end_to_end"]["samples"] == 4  # 2 identities x 2 samples
+    assert sections["end_to_end"]["stages"]["shards"] >= 1
+    overlap = sections["overlap"]
+    assert [r["overlap"] for r in overlap["rows"]] == [False, True]
+    assert overlap["identical_shards"] is True and all(r["shards"] == 4 for r in overlap["rows"])
+    assert overlap["rows"][0]["wait_s"] == 0 and overlap["speedup"] > 0
+    compiled = sections["compile"]
+    assert compiled["backend"] == "aot_eager" and compiled["compiled_candidates_per_s"] > 0
+    assert compiled["max_embedding_diff"] < 1e-4 and compiled["uint8_max_level_change"] <= 1
+    assert sections["train"]["phases"]["sec_per_kimg"] > 0
 
     printed = capsys.readouterr().out
     assert printed.strip() == md.read_text().strip()
     for heading in ("| check | precision | result |", "generator: 32²", "embedder: iresnet18", "Bundle.evaluate",
-                    "| enrolled | backend |", "PNG encode", "End to end"):
+                    "| enrolled | backend |", "PNG encode", "End to end", "| writing | shards |",
+                    "torch.compile, aot_eager", "facegen bench train"):
         assert heading in printed
 
 
