@@ -546,7 +546,7 @@ class Suite:
 
         rows, shard_digests = [], {}
         with tempfile.TemporaryDirectory() as folder:
-            sizes = ["identities=4"] if self.quick else []
+            sizes = ["identities=3"] if self.quick else []
             base = self.demo_spec(folder, *sizes, f"output.samples_per_shard={self.plan.overlap_samples_per_shard}")
             for overlap in (False, True):
                 if deadline.expired():
@@ -614,8 +614,10 @@ class Suite:
         """`facegen bench train`: the in-process phase breakdown; on a GPU also Ray Train with 1 worker."""
         from facegen.jobs.benchmarks.train import bench_args, run_train_bench
 
+        # --quick: both regularisers every 4 steps, so one whole cycle is 4 steps rather than 16
+        overrides = ["loss.d_reg_interval=4"] if self.quick else []
         args = bench_args(quick=self.quick, device=self.device.type, scaling=self.device.type == "cuda",
-                          workers="1")
+                          workers="1", overrides=overrides)
         return run_train_bench(args)
 
 

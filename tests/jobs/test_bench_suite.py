@@ -39,7 +39,7 @@ def test_quick_suite_writes_every_section(tmp_path, capsys):
     assert sections["end_to_end"]["stages"]["shards"] >= 1
     overlap = sections["overlap"]
     assert [r["overlap"] for r in overlap["rows"]] == [False, True]
-    assert overlap["identical_shards"] is True and all(r["shards"] == 4 for r in overlap["rows"])
+    assert overlap["identical_shards"] is True and all(r["shards"] == 3 for r in overlap["rows"])
     assert overlap["rows"][0]["wait_s"] == 0 and overlap["speedup"] > 0
     compiled = sections["compile"]
     assert compiled["backend"] == "aot_eager" and compiled["compiled_candidates_per_s"] > 0
