@@ -545,13 +545,12 @@ class Suite:
         from facegen.engine.local import run_local
 
         rows, shard_digests = [], {}
+        if deadline.expired():
+            return {"rows": [], "skipped": "time budget"}
         with tempfile.TemporaryDirectory() as folder:
             sizes = ["identities=3"] if self.quick else []
             base = self.demo_spec(folder, *sizes, f"output.samples_per_shard={self.plan.overlap_samples_per_shard}")
-            for overlap in (False, True):
-                if deadline.expired():
-                    rows.append({"overlap": overlap, "skipped": "time budget"})
-                    continue
+            for overlap in (False, True):  # both or neither: the pair is the measurement
                 out = Path(folder) / f"overlap-{overlap}"
                 spec = base.model_copy(update={
                     "output": base.output.model_copy(update={"uri": str(out)}),
