@@ -42,6 +42,7 @@ def test_overlapped_writing_gives_the_sequential_bytes(job, sequential, tmp_path
     assert sequential_report["executor"]["stages"]["wait_s"] == 0  # nothing to wait for when inline
 
 
+@pytest.mark.slow
 def test_a_failure_while_the_previous_shard_is_written_loses_nothing(job, sequential, tmp_path, monkeypatch):
     """Computing shard 2 fails while shard 1 is on the writer thread: shard 1 is still published
     whole, shard 2 and later are absent, and the resume writes the sequential run's bytes."""
