@@ -99,10 +99,6 @@ class Repair:
         codes = codes.index_copy(0, index, swap(codes[index], renderer.encode(space, target_ws), self.mask))
         return renderer.render_codes(space, codes, noise)
 
-    def summary(self) -> dict:
-        return {"ranks": self.spec.ranks, "space": self.spec.space, "unit_width": self.spec.unit_width,
-                "n": self.spec.n, "tries": self.spec.tries, "units_sha256": units_sha256(self.units)}
-
 
 def top_units_for(spec: RepairSpec, renderer: LatentSpaces) -> np.ndarray:
     """The spec's top-n units (layer, start, width), checked against this generator's layout."""
