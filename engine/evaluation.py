@@ -31,6 +31,15 @@ def accuracy_at(scores, issame, threshold: float) -> float:
     return float(np.mean((scores >= threshold) == issame))
 
 
+def at_threshold(scores, issame, threshold: float) -> dict:
+    """Accuracy, false accept rate (impostors accepted) and false reject rate at a fixed threshold."""
+    scores, issame = _check(scores, issame)
+    accepted = scores >= threshold
+    return {"threshold": float(threshold), "accuracy": float(np.mean(accepted == issame)),
+            "far": float(accepted[~issame].mean()) if (~issame).any() else 0.0,
+            "frr": float((~accepted[issame]).mean()) if issame.any() else 0.0}
+
+
 def best_threshold(scores, issame) -> float:
     """The threshold (one of the scores, or +inf) with the highest accuracy; the lowest such one."""
     scores, issame = _check(scores, issame)

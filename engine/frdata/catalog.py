@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from facegen.engine.dataset.manifest import completed_shards, manifest_path, shard_path
+from facegen.engine.dataset.manifest import DONE_DIR, completed_shards, manifest_path, marker_path, shard_path
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
@@ -41,6 +41,10 @@ class ShardRows:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def has_nir(self) -> bool:
+        return self.nir_offset is not None
+
 
 class Catalog:
     def __init__(self, uri: str, storage_options: dict | None = None) -> None:
@@ -52,6 +56,12 @@ class Catalog:
     # -- what exists ----------------------------------------------------------------------------
     def markers(self) -> dict[int, dict]:
         return completed_shards(self.storage)
+
+    def marker(self, shard_id: int) -> dict:
+        return self.storage.read_json(marker_path(shard_id))
+
+    def shards_complete(self) -> int:
+        return len(self.storage.list(DONE_DIR, ".json"))
 
     def finished(self) -> bool:
         """The job wrote its report: every shard it will ever write has its marker."""
@@ -89,6 +99,32 @@ class Catalog:
             nir_size=table["nir_size"].to_numpy().astype(np.int64) if has_nir else None,
         )
 
+    def members(self, rows: ShardRows, chunk: np.ndarray, want_vis: bool,
+                want_nir: bool) -> tuple[list[bytes] | None, list[bytes] | None]:
+        """The VIS and NIR member bytes of rows `chunk`: one ranged read spanning all of them."""
+        ranges = []
+        if want_vis:
+            ranges.append((rows.vis_offset[chunk], rows.vis_size[chunk]))
+        if want_nir:
+            ranges.append((rows.nir_offset[chunk], rows.nir_size[chunk]))
+        start = int(min(offsets.min() for offsets, _ in ranges))
+        end = int(max((offsets + sizes).max() for offsets, sizes in ranges))
+        span = memoryview(self.read_span(rows.shard_file, start, end))
+        # [begin, end) of each wanted member inside the span, one vectorised pass per member kind
+        cut = [[bytes(span[a:b]) for a, b in np.stack([offsets - start, offsets - start + sizes], 1).tolist()]
+               for offsets, sizes in ranges]
+        return (cut[0] if want_vis else None, cut[-1] if want_nir else None)
+
+    def probe_images(self, count: int) -> tuple[list[str], list[np.ndarray], str]:
+        """The first `count` VIS images of the first complete shard (keys, uint8 HxWx3, shard file)."""
+        import itertools
+
+        from facegen.engine.dataset.reader import iter_shard
+
+        first = next(iter(self.markers().values()))
+        samples = list(itertools.islice(iter_shard(self.storage, first["shard_file"]), count))
+        return [s.key for s in samples], [s.vis for s in samples], first["shard_file"]
+
     def read_span(self, shard_file: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a shard: one (ranged) read covering several samples' members."""
         path = self.storage.path(shard_path(shard_file))
@@ -105,3 +141,13 @@ def wait_until(ready: Callable[[], bool], what: str, timeout: float | None, poll
         if deadline is not None and time.monotonic() > deadline:
             raise UserError(f"follow: gave up waiting for {what} after {timeout:g} s")
         time.sleep(poll)
+
+
+def open_catalog(uri: str, storage_options: dict | None = None):
+    """A generated dataset's `Catalog`, or a `FolderCatalog` for a VIS/NIR image folder."""
+    from facegen.engine.frdata.folder import FolderCatalog, is_image_folder
+
+    storage = Storage(uri, storage_options)
+    if is_image_folder(storage):
+        return FolderCatalog(uri, storage_options)
+    return Catalog(uri, storage_options)

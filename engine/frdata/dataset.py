@@ -1,4 +1,6 @@
-"""`FRDataset`: an iterable torch dataset of (image, label) over a generated dataset's complete shards.
+"""`FRDataset`: an iterable torch dataset of (image, label) over a generated dataset's complete shards,
+or over a VIS/NIR image folder (`facegen world render`'s layout; labels from the identity prefix of
+each file name, the folder cut into virtual shards of whole identities: folder.py).
 
 Per DataLoader worker ("party", see split.py) one epoch is: its shares of the seeded shard order,
 `open_shards` of them read at once and interleaved at random (shards are sorted by identity, so
@@ -21,7 +23,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from facegen.engine.dataset.manifest import DONE_DIR, marker_path, shard_id_of
-from facegen.engine.frdata.catalog import Catalog, ShardRows, wait_until
+from facegen.engine.frdata.catalog import ShardRows, open_catalog, wait_until
+from facegen.engine.frdata.folder import FolderCatalog
 from facegen.engine.frdata.images import FRTransform
 from facegen.engine.frdata.split import Share, epoch_order, shares_for
 from facegen.models.errors import UserError
@@ -52,7 +55,10 @@ class FRDataset(IterableDataset):
                 raise UserError(f"{name}: must be >= 1, got {value}")
         if shuffle_buffer < 0:
             raise UserError(f"shuffle_buffer: must be >= 0, got {shuffle_buffer}")
-        self.catalog = Catalog(uri, storage_options)
+        self.catalog = open_catalog(uri, storage_options)
+        if follow and isinstance(self.catalog, FolderCatalog):
+            raise UserError(f"{uri}: a VIS/NIR image folder is complete when it is read; follow applies to a "
+                            "dataset that `facegen generate` is writing")
         self.mode, self.flip, self.shuffle, self.seed = mode, flip, shuffle, seed
         self.transform = FRTransform(size=image_size, normalize=normalize)
         self.open_shards, self.shuffle_buffer, self.chunk_samples = open_shards, shuffle_buffer, chunk_samples
@@ -63,7 +69,8 @@ class FRDataset(IterableDataset):
         if not follow:
             markers = self.catalog.markers()
             if not markers:
-                raise UserError(f"{self.catalog.storage.uri}: no complete shards (no done/*.json markers)")
+                raise UserError(f"{self.catalog.storage.uri}: no complete shards (no done/*.json markers) "
+                                "and no VIS/ image folder")
             if mode != "vis" and not all(m.get("has_nir") for m in markers.values()):
                 raise UserError(f"mode {mode!r} needs NIR images, but {self.catalog.storage.uri} has none")
 
@@ -157,7 +164,7 @@ class FRDataset(IterableDataset):
         storage = self.catalog.storage
         if not self.follow:
             share = pending.pop(0)
-            return share, storage.read_json(marker_path(share.shard_id))
+            return share, self.catalog.marker(share.shard_id)
         deadline = None if self.follow_timeout is None else time.monotonic() + self.follow_timeout
         while True:
             finished = self.catalog.finished()  # checked before listing: markers precede the report
@@ -177,7 +184,7 @@ class FRDataset(IterableDataset):
 
     def _share_entries(self, share: Share, marker: dict) -> Iterator[Entry]:
         rows = self.catalog.rows(share.shard_id, marker)
-        if self.mode != "vis" and rows.nir_offset is None:
+        if self.mode != "vis" and not rows.has_nir:
             raise UserError(f"mode {self.mode!r} needs NIR images; shard {rows.shard_file} has none")
         contiguous = contiguous_labels(self.labels(), rows.labels, rows.shard_file)
         selected = share.select(len(rows))
@@ -185,28 +192,14 @@ class FRDataset(IterableDataset):
             yield from self._chunk(rows, selected[start:start + self.chunk_samples], contiguous)
 
     def _chunk(self, rows: ShardRows, chunk: np.ndarray, contiguous: np.ndarray) -> Iterator[Entry]:
-        want_vis, want_nir = self.mode != "nir", self.mode != "vis"
-        ranges = []
-        if want_vis:
-            ranges.append((rows.vis_offset[chunk], rows.vis_size[chunk]))
-        if want_nir:
-            ranges.append((rows.nir_offset[chunk], rows.nir_size[chunk]))
-        start = int(min(offsets.min() for offsets, _ in ranges))
-        end = int(max((offsets + sizes).max() for offsets, sizes in ranges))
-        span = memoryview(self.catalog.read_span(rows.shard_file, start, end))
-        # [begin, end) of each wanted member inside the span, one vectorised pass per member kind
-        bounds = [np.stack([offsets - start, offsets - start + sizes], 1).tolist() for offsets, sizes in ranges]
-        vis_bounds = bounds[0] if want_vis else None
-        nir_bounds = bounds[-1] if want_nir else None
+        vis, nir = self.catalog.members(rows, chunk, self.mode != "nir", self.mode != "vis")
         for i, row in enumerate(chunk.tolist()):
             label, key = int(contiguous[row]), str(rows.keys[row])
-            vis = bytes(span[slice(*vis_bounds[i])]) if want_vis else None
-            nir = bytes(span[slice(*nir_bounds[i])]) if want_nir else None
             if self.mode == "both":
-                yield label, vis, None, key
-                yield label, None, nir, key + ":nir"
+                yield label, vis[i], None, key
+                yield label, None, nir[i], key + ":nir"
             else:
-                yield label, vis, nir, key
+                yield label, None if vis is None else vis[i], None if nir is None else nir[i], key
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         wait_until(ready, f"{what} at {self.catalog.storage.uri}", self.follow_timeout, self.poll_seconds)

@@ -1,4 +1,5 @@
-"""Verification pairs: LFW-style `pairs.txt` over an image folder, or pairs drawn from a dataset's shards.
+"""Verification pairs: LFW-style `pairs.txt` over an image folder, or pairs drawn from a dataset's shards
+or from a VIS/NIR image folder (`facegen world render`'s layout).
 
 pairs.txt (LFW, "View 2"): an optional header line of numbers (folds, pairs per fold), then one pair
 per line: `name i j` (the same person, images i and j) or `name1 i name2 j` (different people),
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from facegen.engine.dataset.reader import read_manifest, read_member
+from facegen.engine.frdata.folder import FolderCatalog, is_image_folder
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
@@ -75,23 +77,41 @@ def read_lfw_pairs(pairs_file: str, images_dir: str) -> Pairs:
 def dataset_pairs(uri: str, genuine: int, impostor: int, seed: int = 0, storage_options: dict | None = None,
                   mode: str = "vis") -> Pairs:
     """`genuine` same-identity pairs (two different samples) and `impostor` pairs of different
-    identities, drawn with a seeded generator from the dataset's complete shards; mode vis or nir."""
+    identities, drawn with a seeded generator from the dataset's complete shards (or, for a VIS/NIR
+    image folder, its files, labelled by their identity prefix); mode vis or nir."""
     storage = Storage(uri, storage_options)
+    if is_image_folder(storage):
+        catalog = FolderCatalog(uri, storage_options)
+        if mode == "nir" and not catalog.has_nir:
+            raise UserError(f"{uri}: mode nir, but the folder has no NIR/")
+        labels = catalog.identities
+        refs = [f"{mode.upper()}/{name}" for name in catalog.names.tolist()]
+        rows, first, second, same = draw_pairs(labels, genuine, impostor, np.random.default_rng(seed), uri)
+        return Pairs([refs[r] for r in rows], first, second, same, uri)
     table = read_manifest(storage)
     if table.num_rows == 0:
         raise UserError(f"{uri}: no complete shards")
     if mode == "nir" and table["nir_offset"].null_count:
         raise UserError(f"{uri}: mode nir, but the dataset has no NIR images")
-    labels = table["label"].to_numpy()
-    rng = np.random.default_rng(seed)
+    rows, first, second, same = draw_pairs(table["label"].to_numpy(), genuine, impostor,
+                                           np.random.default_rng(seed), uri)
+    shard = table["shard"].to_numpy(zero_copy_only=False)
+    offset, size = table[f"{mode}_offset"].to_numpy(), table[f"{mode}_size"].to_numpy()
+    images = [(str(shard[r]), int(offset[r]), int(size[r])) for r in rows]
+    return Pairs(images, first, second, same, uri)
+
+
+def draw_pairs(labels: np.ndarray, genuine: int, impostor: int, rng: np.random.Generator,
+               where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows used, first, second, issame): pairs as indices into `rows`, genuine and impostor interleaved."""
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.unique(labels))
     counts = np.diff(np.append(starts, len(labels)))
     multi = np.nonzero(counts >= 2)[0]
     if genuine and not len(multi):
-        raise UserError(f"{uri}: no identity has two samples, so there are no genuine pairs")
+        raise UserError(f"{where}: no identity has two samples, so there are no genuine pairs")
     if impostor and len(starts) < 2:
-        raise UserError(f"{uri}: one identity only, so there are no impostor pairs")
+        raise UserError(f"{where}: one identity only, so there are no impostor pairs")
     group = rng.choice(multi, genuine) if genuine else np.zeros(0, np.int64)
     a = rng.integers(0, counts[group])
     b = (a + rng.integers(1, counts[group])) % counts[group]  # a different sample of the same identity
@@ -105,10 +125,7 @@ def dataset_pairs(uri: str, genuine: int, impostor: int, seed: int = 0, storage_
     mix = rng.permutation(len(first))  # folds are contiguous: interleave genuine and impostor pairs
     rows = np.unique(np.concatenate([first, second]))
     remap = np.searchsorted(rows, np.stack([first[mix], second[mix]]))
-    shard = table["shard"].to_numpy(zero_copy_only=False)
-    offset, size = table[f"{mode}_offset"].to_numpy(), table[f"{mode}_size"].to_numpy()
-    images = [(str(shard[r]), int(offset[r]), int(size[r])) for r in rows]
-    return Pairs(images, remap[0], remap[1], same[mix], uri)
+    return rows, remap[0], remap[1], same[mix]
 
 
 def load_images(pairs: Pairs, indices: list[int], size: int, storage: Storage | None) -> torch.Tensor:
@@ -116,7 +133,10 @@ def load_images(pairs: Pairs, indices: list[int], size: int, storage: Storage | 
     arrays = []
     for i in indices:
         ref = pairs.images[i]
-        data = read_member(storage, *ref) if isinstance(ref, tuple) else open(ref, "rb").read()
+        if isinstance(ref, tuple):
+            data = read_member(storage, *ref)
+        else:  # a folder dataset's file relative to `storage`, or an LFW image path
+            data = storage.read_bytes(ref) if storage is not None else open(ref, "rb").read()
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image = image.convert("RGB")

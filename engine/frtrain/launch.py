@@ -39,7 +39,9 @@ def _describe(spec: FRTrainSpec) -> str:
 def prepare(spec: FRTrainSpec, create: bool = True) -> PreparedFR:
     d = spec.data
     num_classes = None
-    if not d.follow or Storage(d.uri, d.storage_options).exists("identities.parquet"):
+    source = Storage(d.uri, d.storage_options)
+    # a VIS/NIR folder opens (and refuses `follow`) here; a followed job may not have its table yet
+    if not d.follow or source.exists("identities.parquet") or source.exists("VIS"):
         ds = FRDataset(d.uri, storage_options=d.storage_options, mode=d.mode, follow=d.follow,
                        follow_timeout=d.follow_timeout)
         num_classes = ds.num_classes

@@ -262,7 +262,7 @@ class FRTrainer:
         entry = {"step": self.step, "epoch": self.position.epoch, "loss": float(np.mean(losses)),
                  "lr": lr_at(self.spec, self.step - 1, self.total),
                  "images_per_s": len(losses) * self.spec.optim.batch_size / seconds,
-                 "shards_complete": len(catalog.storage.list("done", ".json")),
+                 "shards_complete": catalog.shards_complete(),
                  "read_while_generating": sum(self.generating_at_batch)}
         self.generating_at_batch = []
         self.log(f"step {self.step}/{self.total} epoch {entry['epoch']} loss {entry['loss']:.4f} "
@@ -286,18 +286,15 @@ class FRTrainer:
         return result
 
     def probe_embeddings(self) -> dict[str, Any]:
-        """The trained model's embeddings of the first samples of the first shard (key order), so
-        anyone can check that the saved backbone reproduces them."""
-        from facegen.engine.dataset.reader import iter_shard
-
-        first = next(iter(self.data.catalog.markers().values()))
-        samples = list(itertools.islice(iter_shard(self.data.catalog.storage, first["shard_file"]), PROBE_SAMPLES))
+        """The trained model's embeddings of the first samples of the first shard (key order; of a VIS/NIR
+        folder, its first files), so anyone can check that the saved backbone reproduces them."""
+        keys, pixels, source = self.data.catalog.probe_images(PROBE_SAMPLES)
         transform = FRTransform(size=self.spec.data.image_size)
-        images = torch.stack([transform.to_tensor(transform.pixels(s.vis), False) for s in samples])
+        images = torch.stack([transform.to_tensor(transform.pixels(p), False) for p in pixels])
         self.backbone.eval()
         with torch.no_grad():
             embeddings = F.normalize(self.backbone(images.to(self.ctx.device)).float(), dim=1).cpu()
-        return {"keys": [s.key for s in samples], "shard": first["shard_file"], "embeddings": embeddings.tolist()}
+        return {"keys": keys, "shard": source, "embeddings": embeddings.tolist()}
 
 
 def train_fr(spec: FRTrainSpec, ctx: TrainContext, run_uri: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ class _Section(BaseModel):
 
 
 class FRDataSpec(_Section):
-    uri: str = Field(description="a generated dataset (local path or any fsspec URI)")
+    uri: str = Field(description="a generated dataset or a VIS/ NIR/ image folder (local path or any fsspec URI)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     mode: Literal["vis", "nir", "both"] = Field("vis", description="which images train: VIS, NIR or both")
     image_size: int = Field(112, ge=16, description="FR input size (the backbone's input_size)")

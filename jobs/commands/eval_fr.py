@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Evaluate a face-recognition model (train-fr's backbone.pth, an insightface .pth, a facegen "
             ".safetensors or an .onnx model) on verification pairs: an LFW-style pairs.txt over an image "
             "folder (--pairs FILE --images DIR), or pairs drawn from a generated dataset's shards "
-            "(--dataset URI). Writes OUT/metrics.json (10-fold accuracy, TAR at FAR 1e-3 and 1e-4, EER) and "
+            "(--dataset URI: shards, or a VIS/NIR image folder such as `facegen world render` writes, identities "
+            "from the file names). Writes OUT/metrics.json (10-fold accuracy, TAR at FAR 1e-3 and 1e-4, EER, the "
+            "best threshold on these pairs, and with --threshold the accuracy at a threshold chosen elsewhere) and "
             "OUT/roc.png, and prints the headline figures."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -32,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs drawn from --dataset")
     p.add_argument("--folds", type=int, default=10, help="folds of the accuracy protocol")
     p.add_argument("--flip", action="store_true", help="add each image's mirror to its embedding")
+    p.add_argument("--threshold", type=float,
+                   help="also report accuracy, FAR and FRR at this fixed threshold, e.g. the best_threshold "
+                        "another evaluation (a calibration split) wrote")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True, help="output folder for metrics.json and roc.png")
     p.set_defaults(func=run)
@@ -39,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch, pyarrow and numpy load only when the command runs, so `facegen --help` starts fast
-    from facegen.engine.evaluation import roc, verification_report
+    from facegen.engine.evaluation import at_threshold, best_threshold, roc, verification_report
     from facegen.engine.frdata.pairs import dataset_pairs, pair_scores, read_lfw_pairs
     from facegen.engine.plots import roc_png
     from facegen.engine.storage import Storage
@@ -59,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     scores = pair_scores(pairs, embedder, storage, args.batch_size, args.flip)
     metrics = {"model": args.model, "pairs_source": pairs.source, "flip": args.flip,
-               **verification_report(scores, pairs.issame, folds=args.folds)}
+               **verification_report(scores, pairs.issame, folds=args.folds),
+               "best_threshold": best_threshold(scores, pairs.issame)}
+    if args.threshold is not None:
+        metrics["at_threshold"] = at_threshold(scores, pairs.issame, args.threshold)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2, sort_keys=True)
@@ -68,5 +76,10 @@ def run(args: argparse.Namespace) -> int:
         handle.write(roc_png({os.path.basename(args.model): (far, tar)}, title=f"ROC: {pairs.source}"))
     tars = ", ".join(f"TAR@FAR={k} {v['tar']:.4f}" for k, v in metrics["tar_at_far"].items())
     print(f"accuracy {metrics['accuracy']:.4f} ± {metrics['accuracy_std']:.4f} ({args.folds}-fold), {tars}, "
-          f"EER {metrics['eer']['eer']:.4f}; wrote {args.out}/metrics.json and roc.png")
+          f"EER {metrics['eer']['eer']:.4f}, best threshold {metrics['best_threshold']:.4f}")
+    if args.threshold is not None:
+        fixed = metrics["at_threshold"]
+        print(f"at threshold {args.threshold:.4f}: accuracy {fixed['accuracy']:.4f}, FAR {fixed['far']:.4f}, "
+              f"FRR {fixed['frr']:.4f}")
+    print(f"wrote {args.out}/metrics.json and roc.png")
     return 0

@@ -11,6 +11,7 @@ from PIL import Image
 
 from facegen.engine.evaluation import (
     accuracy_at,
+    at_threshold,
     best_threshold,
     eer,
     kfold_accuracy,
@@ -30,6 +31,12 @@ def test_accuracy_at_a_known_threshold():
     # accept >= 0.65: 0.9 ok, 0.8 ok, 0.7 false accept, 0.6 false reject, 0.5 ok, 0.4 ok, 0.3 false reject, 0.2 ok
     assert accuracy_at(SCORES, SAME, 0.65) == 5 / 8
     assert accuracy_at(SCORES, SAME, 0.6) == 6 / 8  # inclusive: 0.6 is accepted
+
+
+def test_rates_at_a_fixed_threshold_by_hand():
+    # accept >= 0.65: impostor 0.7 accepted (1 of 4), genuine 0.6 and 0.3 rejected (2 of 4)
+    assert at_threshold(SCORES, SAME, 0.65) == {"threshold": 0.65, "accuracy": 5 / 8, "far": 1 / 4, "frr": 2 / 4}
+    assert at_threshold(SCORES, SAME, -1.0) == {"threshold": -1.0, "accuracy": 4 / 8, "far": 1.0, "frr": 0.0}
 
 
 def test_best_threshold_is_the_lowest_of_the_best():
