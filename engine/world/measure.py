@@ -1,0 +1,135 @@
+"""What can be measured about models trained on the world without FID: the world's identities are known.
+
+- `verification`: an embedder's cosine scores on genuine / impostor pairs of world images.
+- `identity_match`: a generator conditioned on a world identity's feature (the embedder's raw output
+  for one of its images, what `facegen features` writes) is asked for several samples; each sample's
+  embedding is compared with the mean embedding of every identity's real images. The share whose
+  nearest identity is the condition's own says whether the samples are recognisably that identity
+  (chance: 1 / identities); the same for the NIR twins against the real NIR images.
+- `nir_alignment`: VIS luminance and NIR edge maps agree best at zero shift when the twin is aligned.
+- `face_detection_rate`: the share of images in which a real face detector (OpenCV's YuNet, trained on
+  photos) finds a face, on images upscaled to its working size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from facegen.engine.preview import latents, sample
+from facegen.engine.world import render
+from facegen.models.embedder import FaceEmbedder
+from facegen.models.generator import Generator
+
+SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def population(seed: int, identities: int, samples: int, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(identity per image, VIS uint8 [n,R,R,3], NIR uint8 [n,R,R]) of world identities 0..identities-1."""
+    ids = np.repeat(np.arange(identities), samples)
+    vis, nir = render(seed, ids, np.tile(np.arange(samples), identities), resolution)
+    return ids, vis, nir
+
+
+def as_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 [n,R,R,3] or [n,R,R] (NIR, replicated to three channels as FR backbones take) -> NCHW."""
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=3)
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def embed(embedder: FaceEmbedder, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Unit embeddings, float64 [n, dim]."""
+    return embedder.embed(as_batch(images), batch_size=batch).double().numpy()
+
+
+def draw_pairs(ids: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`count` genuine pairs (two different images of one identity) and `count` impostor pairs."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(ids, kind="stable")
+    unique, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
+    g = rng.integers(0, len(unique), count)
+    a = rng.integers(0, counts[g])
+    b = (a + rng.integers(1, counts[g])) % counts[g]
+    x = rng.integers(0, len(unique), count)
+    y = (x + rng.integers(1, len(unique), count)) % len(unique)
+    first = np.concatenate([order[starts[g] + a], order[starts[x] + rng.integers(0, counts[x])]])
+    second = np.concatenate([order[starts[g] + b], order[starts[y] + rng.integers(0, counts[y])]])
+    return first, second, np.arange(2 * count) < count
+
+
+def verification(embeddings: np.ndarray, ids: np.ndarray, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine score, same identity) of `pairs` genuine and `pairs` impostor pairs."""
+    first, second, same = draw_pairs(ids, pairs, seed)
+    return np.einsum("ij,ij->i", embeddings[first], embeddings[second]), same
+
+
+def centroids(embeddings: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Unit mean embedding per identity, in `np.unique(ids)` order."""
+    unique, inverse = np.unique(ids, return_inverse=True)
+    sums = np.zeros((len(unique), embeddings.shape[1]))
+    np.add.at(sums, inverse, embeddings)
+    return sums / np.linalg.norm(sums, axis=1, keepdims=True)
+
+
+def conditions_of(embedder: FaceEmbedder, vis: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each identity's condition: the embedder's raw feature of its first image (`facegen features`)."""
+    _, first = np.unique(ids, return_index=True)
+    return embedder.raw_features(as_batch(vis[first])).float().numpy()
+
+
+def generate(generator: Generator, conditions: np.ndarray, samples: int, *, truncation: float = 1.0,
+             seed0: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(condition index, VIS, NIR): `samples` latents (seeds seed0.. as `facegen preview`) per condition."""
+    z, _ = latents(list(range(seed0, seed0 + samples)), generator.z_dim, 0, 1.0)
+    which = np.repeat(np.arange(len(conditions)), samples)
+    vis, nir = sample(generator, np.tile(z, (len(conditions), 1)), conditions[which].astype(np.float32),
+                      truncation=truncation)
+    return which, vis, nir
+
+
+def identity_match(generated: np.ndarray, which: np.ndarray, reference: np.ndarray) -> dict:
+    """Share of generated embeddings whose nearest identity centroid is their condition's identity."""
+    similarity = generated @ reference.T
+    nearest = similarity.argmax(1)
+    own = similarity[np.arange(len(which)), which]
+    similarity[np.arange(len(which)), which] = -np.inf
+    return {"rate": float(np.mean(nearest == which)), "chance": 1.0 / len(reference),
+            "samples": int(len(which)), "identities": int(len(reference)),
+            "mean_own_similarity": float(own.mean()), "mean_best_other_similarity": float(similarity.max(1).mean())}
+
+
+def edge_map(images: np.ndarray) -> np.ndarray:
+    gy, gx = np.gradient(images.astype(np.float32), axis=(1, 2))
+    edges = np.hypot(gx, gy)
+    return edges - edges.mean((1, 2), keepdims=True)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum((1, 2)) / np.sqrt((a * a).sum((1, 2)) * (b * b).sum((1, 2)) + 1e-12)
+
+
+def nir_alignment(vis: np.ndarray, nir: np.ndarray) -> dict:
+    """Edge agreement of each VIS luminance / NIR twin at zero shift, against one-pixel shifts and
+    against another sample's NIR."""
+    luminance = vis.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    ev, en = edge_map(luminance), edge_map(nir)
+    same = _correlation(ev, en)
+    shifted = np.stack([_correlation(ev, np.roll(en, shift, axis=(1, 2))) for shift in SHIFTS], 1)
+    other = _correlation(ev, np.roll(en, 1, axis=0))
+    return {"zero_shift_best": float(np.mean(same > shifted.max(1))), "mean_correlation": float(same.mean()),
+            "mean_correlation_other_sample": float(other.mean())}
+
+
+def face_detection_rate(vis: np.ndarray, detect: Callable[[np.ndarray], np.ndarray], size: int = 112,
+                        min_score: float = 0.5) -> float:
+    """Share of images with a face scored above `min_score`, each upscaled (bicubic) to `size` first."""
+    found = []
+    for image in vis:
+        big = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+        rows = detect(big)
+        found.append(bool(len(rows)) and float(rows[:, 14].max()) > min_score)
+    return float(np.mean(found))
