@@ -44,6 +44,7 @@ from facegen.cluster.actors import (
 )
 from facegen.cluster.remote_index import RemoteIndex
 from facegen.engine.dataset.manifest import remove_incomplete
+from facegen.engine.identities import IDENTITIES_FILE
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.job import (
     compat_index_pending,
@@ -55,6 +56,7 @@ from facegen.engine.job import (
 )
 from facegen.engine.phases import Identities, Proposals
 from facegen.engine.progress import progress_bar
+from facegen.engine.report import PhaseTimer
 from facegen.engine.spec import IndexPlacement, JobSpec
 from facegen.engine.storage import Storage
 from facegen.engine.summary import finalize
@@ -81,7 +83,7 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
     `num_workers` and `max_retries` size the pool. `on_event(kind, data)` sees actor and shard events
     (tests, dashboards).
     """
-    started = time.monotonic()
+    timer = PhaseTimer()
     job = open_job(spec, resume, load=False)
     with job.lease, ray_connection(job.spec.run.address):
         spec, out, guard = job.spec, job.out, job.lease.guard()
@@ -101,10 +103,21 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
         pool = GeneratorPool(new_actor, plan.num_workers, capacity=IN_FLIGHT_PER_ACTOR,
                              max_failed_starts=spec.run.max_retries, on_event=on_event)
         proposer = ProposeMany(pool, spec.run.max_retries)
+        timer.mark_start()  # the output and models checked on the driver, Ray up, the index opened
         try:
-            identities, selection = select_identities(spec, out, proposer, progress)
+            # The pool starts lazily (a resume with nothing to do starts no actor); started here, the
+            # actors' model loading is timed apart from the work.
+            if not out.exists(IDENTITIES_FILE):
+                with timer.phase("model_load"):
+                    pool.start()
+            with timer.phase("selection"):
+                identities, selection = select_identities(spec, out, proposer, progress)
             todo = pending_shards(spec, out, len(identities))
-            shards = ShardScheduler(pool, spec.run.max_retries, on_event).run(identities, todo, progress)
+            if todo:
+                with timer.phase("model_load"):
+                    pool.start()
+            with timer.phase("shards"):
+                shards = ShardScheduler(pool, spec.run.max_retries, on_event).run(identities, todo, progress)
             stages = pool.stage_times()
         finally:
             pool.shutdown()
@@ -113,12 +126,12 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
         # An actor lost while writing leaves its temp files (its shard was redone elsewhere); the
         # pool is gone, so no writer runs now and every unmarked file is such a leftover.
         remove_incomplete(out)
-        report = finalize(spec, out, identities, selection, index)
+        report = finalize(spec, out, identities, selection, index, timer, (shards["samples"], shards["attempts"]))
     report["executor"] = {
         "kind": "ray", "workers": len(pool.slots), "gpus_per_worker": plan.num_gpus,
         "cpus_per_worker": plan.num_cpus, "nodes": len(pool.nodes), "index_placement": placement,
         "index_actors": remote[0].num_actors if remote else 0, "actors_replaced": pool.replaced,
-        "proposal_retries": proposer.retries, **shards, "seconds": round(time.monotonic() - started, 3),
+        "proposal_retries": proposer.retries, **shards, "seconds": round(time.monotonic() - timer.started, 3),
         "overlap": spec.run.overlap, "stages": stages,
     }
     log.info("ray executor: %s", report["executor"])

@@ -4,7 +4,8 @@ The HTML has no external assets: contact sheets are inline base64 PNGs, histogra
 Every string from the report is escaped. Report dict sections with a dedicated rendering:
 `totals` (key/value), `acceptance` (counts by reason, nested one level at most), `privacy_certificate`
 (or `privacy`: `index_fingerprint`, `threshold`, `max_real_similarity`, `violations` and any extra
-fields); all other top-level keys are shown as generic tables, and the full JSON is embedded at the end.
+fields), `timing` (where the wall-clock time of a run went, `PhaseTimer.section`); all other top-level
+keys are shown as generic tables, and the full JSON is embedded at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -21,7 +26,8 @@ from facegen.engine.storage import Storage
 
 CERTIFICATE_FIELDS = ("index_fingerprint", "threshold", "max_real_similarity", "violations")
 CERTIFICATE_KEYS = ("privacy_certificate", "privacy")  # the report key holding the certificate
-_SECTIONS = ("title", "totals", "acceptance", *CERTIFICATE_KEYS)
+_SECTIONS = ("title", "totals", "acceptance", "timing", *CERTIFICATE_KEYS)
+PHASES = ("start", "model_load", "selection", "shards", "finalise")  # a generation run's phases, in order
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
@@ -30,6 +36,50 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.cert{border:2px solid
 pre{background:#f6f6f6;padding:1em;overflow:auto}
 """
 Sheet = tuple[np.ndarray, "np.ndarray | None"]
+
+
+# -- where the time went -------------------------------------------------------------------------
+class PhaseTimer:
+    """Wall-clock seconds of a run's phases (`PHASES`), measured from the run's start.
+
+    A phase may be entered more than once (its seconds add up) and inside another phase (its seconds
+    are taken out of the enclosing one), so the phases never count a second twice and their sum is at
+    most the total; the rest is time between phases (bookkeeping, writing the report itself).
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._open: list[str] = []
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in self.seconds:
+            raise ValueError(f"unknown phase {name!r}; phases are {', '.join(PHASES)}")
+        begun = time.monotonic()
+        self._open.append(name)
+        try:
+            yield
+        finally:
+            spent = time.monotonic() - begun
+            self._open.pop()
+            self.seconds[name] += spent
+            if self._open:
+                self.seconds[self._open[-1]] -= spent
+
+    def mark_start(self) -> None:
+        """Everything since the run began counts as `start` (output checks, models checked, Ray up)."""
+        self.seconds["start"] = time.monotonic() - self.started - sum(self.seconds.values())
+
+    def section(self, samples: int, candidates: int) -> dict[str, Any]:
+        """report.json's `timing`: seconds per phase, the total so far, and the samples and candidates
+        this run computed (a resume counts only what it wrote) per second of the total."""
+        # Parts rounded down and the total up to the millisecond, so the parts still sum to at most it.
+        total = math.ceil((time.monotonic() - self.started) * 1000) / 1000
+        return {"seconds": {name: math.floor(max(0.0, value) * 1000) / 1000 for name, value in self.seconds.items()},
+                "total_seconds": total, "samples": samples, "candidates": candidates,
+                "samples_per_s": samples / total if total > 0 else None,
+                "candidates_per_s": candidates / total if total > 0 else None}
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -186,6 +236,16 @@ def _certificate(privacy: dict[str, Any]) -> str:
             f"<p><strong>{verdict}</strong></p>{_table(rows)}</div>")
 
 
+def _timing(timing: dict[str, Any]) -> str:
+    """Phases with their share of the total, then the rates; any other timing dict as a plain table."""
+    if not isinstance(timing.get("seconds"), dict):
+        return "<h2>Timing</h2>" + _table(_flatten(timing))
+    phases = list(timing["seconds"].items())
+    rest = [(name, value) for name, value in timing.items() if name != "seconds"]
+    return ("<h2>Where the time went</h2>" + _table(phases, ("phase", "seconds"), share=True)
+            + _table(rest))
+
+
 # -- the page ----------------------------------------------------------------------------------
 def render_html(report: dict[str, Any], contact_sheets: dict[int, Sheet] | None = None,
                 histograms: dict[str, np.ndarray] | None = None,
@@ -201,6 +261,8 @@ def render_html(report: dict[str, Any], contact_sheets: dict[int, Sheet] | None 
     if report.get("acceptance"):
         parts.append("<h2>Acceptance by reason</h2>"
                      + _table(_flatten(report["acceptance"]), ("reason", "count"), share=True))
+    if report.get("timing"):
+        parts.append(_timing(report["timing"]))
     if histograms:
         # Without explicit thresholds every histogram shows the privacy threshold.
         thresholds = histogram_thresholds if histogram_thresholds is not None else {

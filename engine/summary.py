@@ -15,12 +15,24 @@ from facegen.engine.dataset.reader import iter_dataset, read_manifest
 from facegen.engine.index.protocol import Index
 from facegen.engine.phases import Identities
 from facegen.engine.precision import Precision
-from facegen.engine.report import write_report
+from facegen.engine.report import PhaseTimer, write_report
 from facegen.engine.spec import JobSpec, spec_hash
 from facegen.engine.storage import Storage
 
 
-def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dict, index: Index) -> dict:
+def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dict, index: Index,
+             timer: PhaseTimer | None = None, ran: tuple[int, int] = (0, 0)) -> dict:
+    """The report of a job; with `timer`, its `timing` section too (`ran`: the samples and candidates
+    this run computed, so a resume's rate counts only its own work)."""
+    timer = timer or PhaseTimer()
+    with timer.phase("finalise"):
+        report, sheets, histograms, thresholds = _merge(spec, out, identities, selection, index)
+    report["timing"] = timer.section(*ran)
+    write_report(out, report, sheets, histograms, histogram_thresholds=thresholds)
+    return report
+
+
+def _merge(spec: JobSpec, out: Storage, identities: Identities, selection: dict, index: Index) -> tuple:
     markers = completed_shards(out)
     stats = [m.get("stats", {}) for m in markers.values()]
     rejected: Counter = Counter()
@@ -75,9 +87,7 @@ def finalize(spec: JobSpec, out: Storage, identities: Identities, selection: dic
     }
     thresholds = {"privacy_max_sim": spec.privacy.value, "anchor_sim": spec.filter.same_threshold,
                   "diversity_max_sim": spec.filter.diversity_threshold}
-    write_report(out, report, contact_sheets(out, spec.output.contact_sheets), histograms,
-                 histogram_thresholds=thresholds)
-    return report
+    return report, contact_sheets(out, spec.output.contact_sheets), histograms, thresholds
 
 
 def repair_summary(spec: JobSpec, identities: Identities, selection: dict, stats: list[dict]) -> dict:

@@ -59,15 +59,24 @@ def test_sharded_index_and_killed_generators_give_the_local_bytes(ray_session, t
     report = run_ray(spec, progress=False, on_event=killer)
     assert [phase for phase, _ in killer.killed] == ["select", "expand"]
     executor = report.pop("executor")
+    timing = report.pop("timing")  # wall-clock: differs from the reference's; its keys are checked here
+    assert set(timing["seconds"]) == {"start", "model_load", "selection", "shards", "finalise"}
+    assert sum(timing["seconds"].values()) <= timing["total_seconds"] <= executor["seconds"] + 0.001
+    assert timing["samples"] == 24 and timing["samples_per_s"] == 24 / timing["total_seconds"]
+    assert timing["seconds"]["model_load"] > 0 and timing["seconds"]["shards"] > 0
+    reference_report = json.loads((reference / "report.json").read_text())
+    reference_report.pop("timing")
     assert executor["index_placement"] == "sharded" and executor["index_actors"] == 2
     assert executor["actors_replaced"] == 2
     assert executor["proposal_retries"] >= 1 and executor["shard_retries"] >= 1
     assert executor["shards_run"] == 12 and executor["samples"] == 24
     assert_same_dataset(tmp_path / "ray", reference)
-    assert report == json.loads((reference / "report.json").read_text())
+    assert report == reference_report
     # A resume with nothing left to do starts no actor at all (replicated or sharded).
-    again = run_ray(spec_for(tiny_job, tmp_path / "ray"), resume=True, progress=False)["executor"]
+    resumed = run_ray(spec_for(tiny_job, tmp_path / "ray"), resume=True, progress=False)
+    again = resumed["executor"]
     assert (again["workers"], again["shards_run"], again["index_actors"]) == (0, 0, 0)
+    assert resumed["timing"]["samples"] == 0 and resumed["timing"]["seconds"]["model_load"] == 0
 
 
 @pytest.mark.slow

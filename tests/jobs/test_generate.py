@@ -60,6 +60,20 @@ def test_output_contract(reference):
     assert "report.html" in os.listdir(reference)
 
 
+def test_report_says_where_the_time_went(reference):
+    timing = json.loads((reference / "report.json").read_text())["timing"]
+    seconds = timing["seconds"]
+    assert set(seconds) == {"start", "model_load", "selection", "shards", "finalise"}
+    assert all(value >= 0 for value in seconds.values())
+    assert seconds["model_load"] > 0 and seconds["selection"] > 0 and seconds["shards"] > 0
+    assert sum(seconds.values()) <= timing["total_seconds"]
+    # This run wrote every sample: 8 samples from its candidates, per second of the whole run.
+    assert timing["samples"] == 8 and timing["samples_per_s"] == 8 / timing["total_seconds"]
+    assert timing["candidates"] >= 8 and timing["candidates_per_s"] == timing["candidates"] / timing["total_seconds"]
+    page = (reference / "report.html").read_text()
+    assert "<h2>Where the time went</h2>" in page and "<td>model_load</td>" in page
+
+
 def run_and_kill(job: str, out: Path, wait_for: str) -> None:
     """Start a real `facegen generate` process and SIGKILL it as soon as `wait_for` exists."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
