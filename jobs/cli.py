@@ -12,7 +12,7 @@ from facegen.models.errors import JobFailed, UserError
 # Sub-command modules, in the order `facegen --help` lists them. Every one must import: a broken or
 # missing module is an installation error, never a silently absent command.
 COMMAND_MODULES = [
-    "demo",
+    "quickstart",
     "generate",
     "index",
     "audit",

@@ -1,8 +1,7 @@
-"""The demo: everything the example job needs, made on the spot, then the job itself.
-
-Until trained demo weights exist, the models are random-initialised (seeded, so every machine gets
-the same ones) and the "real" population is a set of faces from the same generator under an
-unrelated seed, enrolled into a real privacy index. Every stage is the production code path.
+"""The benchmarks' job: the quickstart's seeded random models and the example job, with a stand-in
+"real" population of faces from the same generator under an unrelated seed, enrolled into a real
+privacy index. Random weights keep the measured work the same on every machine, whatever demo models
+are installed; `facegen quickstart` (jobs/quickstart.py) is what users run.
 """
 
 from __future__ import annotations
@@ -19,28 +18,22 @@ from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.seeding import Stream, draw_keys, normal, random_directions
 from facegen.engine.spec import JobSpec, build_spec
 from facegen.engine.storage import Storage
-from facegen.models.checkpoint import save_native
+from facegen.jobs.quickstart import EXAMPLE, RANDOM_EMBEDDING_DIM, random_embedder, random_generator
 from facegen.models.embedder import FaceEmbedder
-from facegen.models.generator import Generator, GeneratorConfig, images_to_uint8
-from facegen.models.iresnet import IResNet, IResNetConfig
+from facegen.models.generator import Generator, images_to_uint8
 from facegen.models.loading import load_embedder
 
-EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
-EMBEDDING_DIM = 64
+EMBEDDING_DIM = RANDOM_EMBEDDING_DIM
 POPULATION_SEED = 4242
 DEMO_FMRS = (5e-2, 1e-2, 1e-3)  # what a few dozen to a few hundred single-image stand-ins resolve
 
 
 def demo_models(folder: Path) -> tuple[Path, Path]:
-    """A 64² dual-branch generator and an r18-shaped embedder of matching width, seeded."""
-    torch.manual_seed(0)
-    generator = Generator(GeneratorConfig(
-        z_dim=64, c_dim=EMBEDDING_DIM, w_dim=64, img_resolution=64, channel_base=1024, channel_max=64,
-        mapping_layers=2, num_fp16_res=0))
-    embedder = IResNet(IResNetConfig(depth=18, embedding_dim=EMBEDDING_DIM, input_size=64, base_width=8))
+    """A 64² dual-branch generator and an r18-shaped embedder of matching width, seeded (the quickstart's
+    stand-ins for trained demo models)."""
     folder.mkdir(parents=True, exist_ok=True)
-    return (save_native(generator, folder / "generator.safetensors"),
-            save_native(embedder, folder / "embedder.safetensors"))
+    embedder = random_embedder(folder / "embedder.safetensors")
+    return random_generator(folder / "generator.safetensors", EMBEDDING_DIM), embedder
 
 
 def enrol_population(generator: Generator, embedder: FaceEmbedder, target: Storage, count: int = 400) -> None:
@@ -58,7 +51,7 @@ def enrol_population(generator: Generator, embedder: FaceEmbedder, target: Stora
                 embedder_weights=embedder.weights_fingerprint,
                 source=f"demo population: {count} generated stand-ins, seed {POPULATION_SEED}")
     # The job's `privacy.threshold: auto` reads the threshold calibrated here (400 stand-ins give
-    # 79,800 impostor pairs: FMR 1e-3; see jobs/examples/tiny.yaml and `demo_fmr`).
+    # 79,800 impostor pairs: FMR 1e-3; see `demo_fmr`).
     calibrate(PrivacyIndex.open(target, backend="numpy"), DEMO_FMRS)
 
 

@@ -9,7 +9,7 @@ byte for byte (they must be identical: placement never changes results).
 Control (same run, same resources): n Ray tasks of a fixed torch convolution workload, against one.
 Its speed-up is what the hardware gives n workers at that moment (on a shared machine, less than n);
 `vs machine` = speed-up / control speed-up separates the executor's overhead from the machine's.
-Without JOB.yaml the demo job is used (tiny seeded models, `facegen demo`), made in a temporary folder.
+Without JOB.yaml the demo job is used (tiny seeded models, `jobs/demo.py`), made in a temporary folder.
 """
 
 from __future__ import annotations
