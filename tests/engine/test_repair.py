@@ -151,3 +151,17 @@ def test_ranks_of_another_generator_are_refused(models, tmp_path):
 def test_the_units_digest_changes_with_the_units():
     units = np.array([[1, 0, 32], [3, 0, 32]])
     assert units_sha256(units) == units_sha256(units.copy()) != units_sha256(units[::-1])
+
+
+def test_stylespace_repair_rescues_anchors_too(models, crowded_index, tmp_path):
+    generator, embedder = models
+    table = rank(open_latent_spaces(generator), embedder,
+                 RankJob(spaces=("style",), widths=(0,), pairs=1, pairs_per_task=1))
+    path = tmp_path / "style.parquet"
+    path.write_bytes(ranks_bytes(table))
+    settings = {**repair_settings(str(path), n=6), "privacy.repair.space": "style"}
+    bundle = tiny_bundle(tiny_spec(str(tmp_path), **settings), crowded_index, *models)
+    selection, proposals = selected(bundle, np.arange(6))
+    assert selection.accepted >= 3 and (proposals.real_sim[proposals.verdict == "ok"] <= 0.95).all()
+    assert bundle.repair.units[:, 2].tolist() == [
+        bundle.renderer.layout("style").widths[layer] for layer in bundle.repair.units[:, 0]]
