@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,12 +32,13 @@ from facegen.models.errors import UserError
 StepHook = Callable[[TrainContext, int], None]
 
 
-def _worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+def host_worker(spec_type: type, loop: Callable[[Any, TrainContext, str], Any], config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: rebuild the spec, pick the device, wire reporting to Ray Train and
+    run `loop(spec, ctx, run_uri)`, restoring Ray Train's latest checkpoint when there is one."""
     import ray.train
     import ray.train.torch
 
-    spec = TrainSpec.model_validate(config["spec"])
+    spec = spec_type.model_validate(config["spec"])
     context = ray.train.get_context()
     use_gpu = config["use_gpu"]
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
@@ -54,11 +56,11 @@ def _worker(config: dict[str, Any]) -> None:
                        report=report, step_hook=config.get("step_hook"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        train(spec, ctx, config["run_uri"])
+        loop(spec, ctx, config["run_uri"])
         return
     with checkpoint.as_directory() as folder:
         ctx.latest_checkpoint = folder
-        train(spec, ctx, config["run_uri"])
+        loop(spec, ctx, config["run_uri"])
 
 
 def _storage(run: Storage) -> tuple[str, Any]:
@@ -115,7 +117,8 @@ def fit_on_ray(spec: Any, make: Callable[[], TorchTrainer]) -> Any:
 
 
 def make_trainer(spec: TrainSpec, prepared: Prepared, step_hook: StepHook | None = None) -> TorchTrainer:
-    return make_torch_trainer(_worker, spec, prepared.run_uri, CHECKPOINT_DIR, step_hook)
+    return make_torch_trainer(functools.partial(host_worker, TrainSpec, train), spec, prepared.run_uri, CHECKPOINT_DIR,
+                              step_hook)
 
 
 def run_ray_training(spec: TrainSpec, prepared: Prepared, step_hook: StepHook | None = None) -> dict[str, Any]:

@@ -8,52 +8,21 @@ Same hosting as the GAN training (cluster/train.py): one worker per GPU (NCCL) o
 
 from __future__ import annotations
 
-import os
+import functools
 from typing import Any
 
-import torch
-from ray.train import Checkpoint
 from ray.train.torch import TorchTrainer
 
-from facegen.cluster.train import StepHook, fit_on_ray, make_torch_trainer
+from facegen.cluster.train import StepHook, fit_on_ray, host_worker, make_torch_trainer
 from facegen.engine.frtrain.checkpoint import CHECKPOINT_DIR
 from facegen.engine.frtrain.launch import PreparedFR
 from facegen.engine.frtrain.loop import train_fr
 from facegen.engine.frtrain.spec import FRTrainSpec
-from facegen.engine.training.context import TrainContext
-
-
-def _worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    spec = FRTrainSpec.model_validate(config["spec"])
-    context = ray.train.get_context()
-    use_gpu = config["use_gpu"]
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    if not use_gpu:
-        torch.set_num_threads(max(1, int(spec.run.cpus_per_worker)))
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-        else:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir),
-                             checkpoint_dir_name=os.path.basename(checkpoint_dir))
-
-    ctx = TrainContext(rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
-                       report=report, step_hook=config.get("step_hook"))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        train_fr(spec, ctx, config["run_uri"])
-        return
-    with checkpoint.as_directory() as folder:
-        ctx.latest_checkpoint = folder
-        train_fr(spec, ctx, config["run_uri"])
 
 
 def make_fr_trainer(spec: FRTrainSpec, prepared: PreparedFR, step_hook: StepHook | None = None) -> TorchTrainer:
-    return make_torch_trainer(_worker, spec, prepared.run_uri, CHECKPOINT_DIR, step_hook)
+    worker = functools.partial(host_worker, FRTrainSpec, train_fr)
+    return make_torch_trainer(worker, spec, prepared.run_uri, CHECKPOINT_DIR, step_hook)
 
 
 def run_ray_fr_training(spec: FRTrainSpec, prepared: PreparedFR, step_hook: StepHook | None = None) -> dict[str, Any]:

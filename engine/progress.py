@@ -26,14 +26,16 @@ def log_interval() -> float:
         return DEFAULT_INTERVAL
 
 
-def duration(seconds: float) -> str:
-    """12s, 3m05s, 2h07m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+def duration(seconds: float, sep: str = "") -> str:
+    """12s, 3m05s, 2h07m05s, 1d02h03m; `sep=" "` gives the training log's (dnnlib.util.format_time's) 3m 05s."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{sep}{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{sep}{s // 60 % 60:02d}m{sep}{s % 60:02d}s"
+    return f"{s // 86400}d{sep}{s // 3600 % 24:02d}h{sep}{s // 60 % 60:02d}m"
 
 
 class LineProgress:

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from facegen.engine.spec import validate_tree
+from facegen.engine.training.spec import OutputSpec, WorkersSpec
 from facegen.models.iresnet import DEPTH_LAYERS
 
 DEFAULT_STEPS = 1000
@@ -90,37 +91,16 @@ class FRScheduleSpec(_Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
-class FROutputSpec(_Section):
-    dir: str = Field(description="where run directories NNNNN-<desc> go (local path or fsspec URI)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    desc: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")
-
-
-class FRRunSpec(_Section):
-    executor: Literal["local", "ray"] = "ray"
-    address: str | None = None
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_failures: int = Field(3, ge=-1, description="restarts from the last checkpoint (-1: forever)")
-    cpus_per_worker: float = Field(1, gt=0)
-
-    @model_validator(mode="after")
-    def _local_is_one(self) -> FRRunSpec:
-        if self.executor == "local" and self.num_workers != 1:
-            raise ValueError("the local executor runs one worker; use executor 'ray'")
-        return self
-
-
 class FRTrainSpec(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
     data: FRDataSpec
-    output: FROutputSpec
+    output: OutputSpec
     model: ModelSpec = ModelSpec()
     head: HeadSpec = HeadSpec()
     optim: OptimSpec = OptimSpec()
     schedule: FRScheduleSpec = FRScheduleSpec()
     resume: str | None = Field(None, description="a train-fr run directory or checkpoint folder to continue")
-    run: FRRunSpec = FRRunSpec()
+    run: WorkersSpec = WorkersSpec()
 
     @model_validator(mode="after")
     def _batch_splits(self) -> FRTrainSpec:

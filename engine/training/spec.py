@@ -113,17 +113,16 @@ class OutputSpec(_Section):
     desc: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$", description="run name suffix (default: derived)")
 
 
-class TrainRunSpec(_Section):
-    """How to run; does not change what is learned."""
+class WorkersSpec(_Section):
+    """Where a Ray Train job runs and how it recovers (shared by every training spec); does not change
+    what is learned."""
 
     executor: Literal["local", "ray"] = "ray"
     address: str | None = Field(None, description="Ray cluster address (default: local embedded Ray)")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (the original's --gpus)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers, one per GPU (the original's --gpus)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_failures: int = Field(3, ge=-1, description="automatic restarts from the last checkpoint (-1 = forever)")
     cpus_per_worker: float = Field(1, gt=0)
-    cudnn_benchmark: bool = Field(True, description="cuDNN autotuning (the original's --nobench turns it off)")
-    allow_tf32: bool = Field(False, description="TF32 matmuls and convolutions (the original's --allow-tf32)")
 
     @field_validator("num_workers")
     @classmethod
@@ -131,6 +130,11 @@ class TrainRunSpec(_Section):
         if value != 1 and info.data.get("executor") == "local":
             raise ValueError("the local executor runs one worker; use run.executor 'ray'")
         return value
+
+
+class TrainRunSpec(WorkersSpec):
+    cudnn_benchmark: bool = Field(True, description="cuDNN autotuning (the original's --nobench turns it off)")
+    allow_tf32: bool = Field(False, description="TF32 matmuls and convolutions (the original's --allow-tf32)")
 
 
 class TrainSpec(_Section):

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from facegen.engine.progress import duration
 from facegen.engine.storage import Storage
 from facegen.engine.training import distributed as dist
 from facegen.engine.training.context import TrainContext
@@ -35,18 +36,6 @@ from facegen.engine.training.spec import TrainSpec
 from facegen.engine.training.state import StartPoint
 from facegen.engine.training.stats import scalar
 from facegen.models.generator import images_to_uint8
-
-
-def format_time(seconds: float) -> str:
-    """dnnlib.util.format_time: 42s, 3m 07s, 2h 03m 07s, 1d 02h 03m."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s // 60 % 60:02d}m {s % 60:02d}s"
-    return f"{s // 86400}d {s // 3600 % 24:02d}h {s // 60 % 60:02d}m"
 
 
 @dataclass(frozen=True)
@@ -234,14 +223,15 @@ class TickWork:
         }
         return {k: scalar(v) for k, v in values.items()}
 
-    @staticmethod
-    def _line(stats: dict[str, dict[str, float]]) -> str:
+    def _line(self, stats: dict[str, dict[str, float]]) -> str:
         v = {k: e["mean"] for k, e in stats.items()}
+        # the last tick's pace over what is left: a rough but honest estimate on a steady run
+        left_sec = max(self.t.hp.total_kimg - v["Progress/kimg"], 0.0) * v["Timing/sec_per_kimg"]
         return (f"tick {int(v['Progress/tick']):<5d} kimg {v['Progress/kimg']:<8.1f} "
-                f"time {format_time(v['Timing/total_sec']):<12s} sec/tick {v['Timing/sec_per_tick']:<7.1f} "
+                f"time {duration(v['Timing/total_sec'], ' '):<12s} sec/tick {v['Timing/sec_per_tick']:<7.1f} "
                 f"sec/kimg {v['Timing/sec_per_kimg']:<7.2f} maintenance {v['Timing/maintenance_sec']:<6.1f} "
                 f"cpumem {v['Resources/cpu_mem_gb']:<6.2f} gpumem {v['Resources/peak_gpu_mem_gb']:<6.2f} "
-                f"augment {v['Progress/augment']:.3f}")
+                f"augment {v['Progress/augment']:.3f} ETA {duration(left_sec, ' ')}")
 
     def _replica_spread(self) -> float:
         """Largest difference between ranks of the weight sums: 0 when DDP keeps the replicas equal."""

@@ -76,6 +76,8 @@ def test_run_directory_contents(full_run):
     assert all(e["Progress/replica_spread"]["mean"] == 0 for e in stats)
     log = (run_dir / "log.txt").read_text().splitlines()
     assert [line.split()[1] for line in log if line.startswith("tick ")] == ["0", "1", "2", "3", "4"]
+    # the last tick reached total_kimg: nothing left to wait for
+    assert [line.split("ETA ")[1] for line in log if line.startswith("tick ")][-1] == "0s"
     assert any(line.startswith("Metrics: OFF - fid50k_full requested") for line in log)
     assert any(line.startswith("Compat: facegen (set compat=original") for line in log)
     options = json.loads((run_dir / "training_options.json").read_text())

@@ -79,6 +79,13 @@ def test_progress_lines_are_throttled_and_say_rate_and_eta():
     ]
 
 
+def test_durations_read_as_the_progress_lines_and_the_training_log_write_them():
+    from facegen.engine.progress import duration
+
+    assert [duration(s) for s in (42, 187, 7387, 93780)] == ["42s", "3m07s", "2h03m07s", "1d02h03m"]
+    assert [duration(s, " ") for s in (187, 7387)] == ["3m 07s", "2h 03m 07s"]
+
+
 def test_a_done_total_callback_gets_the_same_lines():
     from facegen.engine.progress import progress_callback
 
