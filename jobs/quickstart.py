@@ -32,10 +32,11 @@ import yaml
 EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
 DEFAULT_OUT = "facegen-quickstart"  # jobs/examples/tiny.yaml names this folder, relative to the repo root
 RESOLUTION = 64
+ROLES = ("embedder", "generator")  # the order matters: a random generator is conditioned on the embedder
 RANDOM_EMBEDDING_DIM = 64
 REAL_SEED = 0  # the world the demo models were trained on: its people are the ones to protect
 REAL_IDENTITIES, REAL_SAMPLES = 100, 2  # x2 (VIS and NIR): 400 enrolled images, 79,200 impostor pairs
-HELD_OUT_SEED = 1_000_003  # world identities nobody trained on, for the face-recognition check
+HELD_OUT_SEED = 2  # world identities nobody trained on (the demo models' test population), for the FR check
 HELD_OUT_IDENTITIES, HELD_OUT_SAMPLES = 40, 4
 CALIBRATION_FMRS = (1e-2, 1e-3)  # 79,200 impostor pairs resolve FMR 1e-3 (10 / FMR pairs needed)
 FR_RUN = "00000-quickstart"
@@ -85,12 +86,15 @@ class Stages:
 
 # -- models ----------------------------------------------------------------------------------------
 def shipped_models() -> dict[str, Path]:
-    """The trained demo models facegen ships, by role ("embedder", "generator"); {} when not installed."""
+    """The trained demo models facegen ships ("embedder", "generator"), or {} unless both are installed:
+    they are a pair (the generator is conditioned on that embedder's features, and the example job's
+    thresholds are set for the pair it runs with)."""
     try:
         from facegen.models.demo import demo_model_paths
     except ImportError:
         return {}
-    return {role: Path(path) for role, path in demo_model_paths().items() if Path(path).is_file()}
+    paths = demo_model_paths()
+    return {role: Path(paths[role]) for role in ROLES} if all(role in paths for role in ROLES) else {}
 
 
 def random_embedder(path: Path) -> Path:
@@ -124,7 +128,7 @@ def prepare_models(folder: Path) -> dict[str, Any]:
 
     folder.mkdir(parents=True, exist_ok=True)
     shipped = shipped_models()
-    paths = {role: folder / f"{role}.safetensors" for role in ("embedder", "generator")}
+    paths = {role: folder / f"{role}.safetensors" for role in ROLES}
     origin = {}
     for role, path in paths.items():
         origin[role] = "trained demo model" if role in shipped else "seeded random weights"

@@ -174,3 +174,19 @@ def test_held_out_pairs_are_balanced_and_deterministic():
     assert (first_ < second).all()
     again = held_out_pairs()
     assert all((a == b).all() for a, b in zip((vis, first_, second, same), again))
+
+
+def test_shipped_demo_models_are_used_as_a_pair(monkeypatch, tmp_path):
+    import facegen.models.demo as demo
+    from facegen.jobs.quickstart import prepare_models, random_embedder, random_generator, shipped_models
+
+    shipped = {"embedder": random_embedder(tmp_path / "E.safetensors"),
+               "generator": random_generator(tmp_path / "G.safetensors", 64)}
+    monkeypatch.setattr(demo, "demo_model_paths", lambda: {"embedder": shipped["embedder"]})
+    assert shipped_models() == {}  # an embedder alone is not the generator's pair
+    monkeypatch.setattr(demo, "demo_model_paths", lambda: {**shipped, "facts": tmp_path / "demo.json"})
+    assert shipped_models() == shipped
+    models = prepare_models(tmp_path / "out")
+    assert models["origin"] == {"embedder": "trained demo model", "generator": "trained demo model"}
+    for role, path in models["paths"].items():
+        assert path.read_bytes() == shipped[role].read_bytes()
