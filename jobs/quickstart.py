@@ -271,17 +271,14 @@ def run_quickstart(out: str | Path, executor: str = "ray") -> dict[str, Any]:
                           f"{FR_SETTINGS['optim']['steps']} steps", train_recogniser, folder)
     fr = stages.run("evaluate_fr", f"verifying it on {HELD_OUT_IDENTITIES} held-out world identities",
                     evaluate, folder, backbone, models["paths"]["embedder"])
-    summary = {"folder": str(folder), "models": models["origin"], "real_population": index,
+    shown = str(out).rstrip("/") or "/"  # the folder as the user named it, for the lines they read
+    summary = {"folder": shown, "models": models["origin"], "real_population": index,
                "report": report, "fr": fr, "stage_seconds": stages.seconds, "seconds": stages.total,
-               "audit_command": audit_command(folder, report)}
+               "audit_command": f"facegen audit {shown}/dataset --index {shown}/index "
+                                f"--embedder {shown}/models/embedder.safetensors"}
     (folder / "quickstart.json").write_text(json.dumps(
         {k: v for k, v in summary.items() if k != "report"}, indent=2, sort_keys=True, default=str) + "\n")
     return summary
-
-
-def audit_command(folder: Path, report: dict) -> str:
-    embedder = report["privacy_certificate"]["embedder"]["path"]
-    return f"facegen audit {folder / 'dataset'} --index {folder / 'index'} --embedder {embedder}"
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
