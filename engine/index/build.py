@@ -90,7 +90,7 @@ def build_index(
         writer.add(embeddings[rows], identities[rows], files[rows])
     return writer.finish(embedder_fingerprint=embedder_fingerprint,
                          preprocessing=dict(preprocessing) if preprocessing is not None else None,
-                         source=source, dropped=dropped, created_by=_created_by(), embedder_weights=embedder_weights,
+                         source=source, dropped=dropped, created_by=created_by(), embedder_weights=embedder_weights,
                          skipped=tuple({"file": str(f), "reason": str(r)} for f, r in skipped))
 
 
@@ -105,7 +105,8 @@ def _count_invalid(embeddings: np.ndarray, files: Sequence[str]) -> tuple[int, l
     return count, examples
 
 
-def _created_by() -> str:
+def created_by() -> str:
+    """`facegen <version>`, recorded in index.json."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

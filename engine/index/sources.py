@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import posixpath
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
+from facegen.engine.index.features_json import identity_feature_blocks, identity_of_name
 from facegen.engine.progress import progress_bar
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
@@ -46,13 +47,6 @@ class EmbeddingSource:
         return dict(Counter(reason.split(":")[0] for _, reason in self.skipped))
 
 
-def identity_of_name(name: str) -> str | None:
-    """'0012_03.png' -> '0012'; None when the name has no '{identity}_' prefix."""
-    stem = posixpath.basename(name)
-    identity, sep, _ = stem.partition("_")
-    return identity if sep and identity else None
-
-
 def _read_bytes(path: str, storage_options: dict | None) -> bytes:
     try:
         with fsspec.open(path, "rb", **(storage_options or {})) as handle:
@@ -63,30 +57,12 @@ def _read_bytes(path: str, storage_options: dict | None) -> bytes:
 
 # ------------------------------------------------------------------------ identity_features.json
 def embeddings_from_identity_features(path: str, storage_options: dict | None = None) -> EmbeddingSource:
-    """The original's `identity_features.json`: {"<VIS file name>": [floats], ...} (raw features, natural order)."""
-    try:
-        data = json.loads(_read_bytes(path, storage_options))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not data:
-        raise UserError(f"{path}: expected a non-empty JSON object {{file name: [floats]}}")
-    files = list(data)
-    bad = [f for f in files if identity_of_name(f) is None]
-    if bad:
-        raise UserError(
-            f"{path}: {len(bad)} keys are not '{{identity}}_{{sample}}' file names, e.g. {bad[:3]}"
-        )
-    lengths = Counter(len(v) if isinstance(v, list) else -1 for v in data.values())
-    if len(lengths) != 1 or -1 in lengths:
-        dim = lengths.most_common(1)[0][0]
-        odd = next(f for f in files if not isinstance(data[f], list) or len(data[f]) != dim)
-        raise UserError(f"{path}: every value must be a list of {dim} numbers; '{odd}' is not")
-    try:
-        embeddings = np.asarray(list(data.values()), dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: feature values must be numbers ({err})") from None
-    identities = np.asarray([identity_of_name(f) for f in files], dtype=object)
-    return EmbeddingSource(embeddings, identities, np.asarray(files, dtype=object),
+    """The original's `identity_features.json`: {"<VIS file name>": [floats], ...} (raw features, file
+    order), read entry by entry (engine/index/features_json.py; `identity_feature_blocks` streams it)."""
+    blocks = list(identity_feature_blocks(path, storage_options))
+    return EmbeddingSource(np.concatenate([b[0] for b in blocks]),
+                           np.asarray([i for b in blocks for i in b[1]], dtype=object),
+                           np.asarray([f for b in blocks for f in b[2]], dtype=object),
                            f"identity_features.json {path}")
 
 
@@ -246,18 +222,68 @@ def embed_image_batch(images: list[np.ndarray], embed: Any) -> np.ndarray:
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
-def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int = 64, *,
-                           include_nir: bool | None = False, storage_options: dict | None = None,
-                           num_workers: int = 4, progress: bool = True,
-                           require_identity: bool = True, skip_bad: bool = False) -> EmbeddingSource:
-    """Embed every image under `folder` (VIS/ and NIR/ with include_nir, None: NIR/ when present;
-    or a flat folder).
+@dataclass
+class ImageStream:
+    """An image folder's embeddings as blocks of one embedder batch each; `skipped` fills as it goes."""
+
+    storage: Storage
+    named: list[tuple[str, str]]  # (relative path, identity) of every image to embed, in order
+    embedder: Any
+    batch_size: int
+    skipped: list[tuple[str, str]]
+    skip_bad: bool
+    num_workers: int = 4
+    progress: bool = True
+
+    @property
+    def description(self) -> str:
+        return f"images {self.storage.url()}"
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(reason.split(":")[0] for _, reason in self.skipped))
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, list[str], list[str]]]:
+        """(float32 [n, dim], identities, files) per batch. Decoding runs in threads while the embedder
+        runs the previous batch; a bad image fails the build (or, with skip_bad, is listed)."""
+        storage, named, size = self.storage, self.named, self.batch_size
+        chunks = [named[start : start + size] for start in range(0, len(named), size)]
+        embedded = 0
+        with progress_bar(len(named), "embedding real images", "img", self.progress) as bar, \
+                ThreadPoolExecutor(max_workers=max(1, self.num_workers)) as pool:
+            pending = [pool.submit(decode_image, storage, path) for path, _ in chunks[0]]
+            for i, chunk in enumerate(chunks):
+                decoded = [future.result() for future in pending]
+                if i + 1 < len(chunks):
+                    pending = [pool.submit(decode_image, storage, path) for path, _ in chunks[i + 1]]
+                bad = [(item[0], image) for item, image in zip(chunk, decoded) if isinstance(image, str)]
+                if bad and not self.skip_bad:
+                    for future in pending:
+                        future.cancel()
+                    raise UserError(f"{storage.url(bad[0][0])}: {bad[0][1]}; fix or remove it, or pass "
+                                    "--skip-bad to leave unreadable images out (they are then listed in index.json)")
+                self.skipped += bad
+                good = [(item, image) for item, image in zip(chunk, decoded) if not isinstance(image, str)]
+                bar.update(len(chunk))
+                if good:
+                    embedded += len(good)
+                    yield (embed_image_batch([image for _, image in good], self.embedder.embed),
+                           [identity for (_, identity), _ in good], [path for (path, _), _ in good])
+        if not embedded:
+            raise UserError(f"{storage.url()}: none of {len(named)} images could be decoded")
+
+
+def image_stream(folder: str | Storage, embedder: Any, batch_size: int = 64, *,
+                 include_nir: bool | None = False, storage_options: dict | None = None,
+                 num_workers: int = 4, progress: bool = True,
+                 require_identity: bool = True, skip_bad: bool = False) -> ImageStream:
+    """The images under `folder` (VIS/ and NIR/ with include_nir, None: NIR/ when present; or a flat
+    folder), listed and name-checked now, embedded batch by batch as `blocks()` is read.
 
     An image that cannot be decoded or (with `require_identity`) is not named
-    `{identity}_{sample}.ext` fails the whole call naming the file: an enrolled person who silently
+    `{identity}_{sample}.ext` fails the build naming the file: an enrolled person who silently
     drops out is a person the privacy test no longer protects. With `skip_bad` such files are
     skipped and listed with their reason instead. Files without an image extension are always
-    skipped and listed. Decoding runs in threads while the embedder runs batches.
+    skipped and listed.
     """
     if batch_size <= 0:
         raise UserError(f"--batch: {batch_size} must be positive")
@@ -278,31 +304,16 @@ def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int
     if not named:
         wanted = "named {identity}_{sample}.ext " if require_identity else ""
         raise UserError(f"{storage.url()}: no images {wanted}found")
-    vectors, identities, files = [], [], []
-    bar = progress_bar(len(named), "embedding real images", "img", progress)
-    chunks = [named[start : start + batch_size] for start in range(0, len(named), batch_size)]
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        # Decode batch i+1 in threads while the embedder works on batch i.
-        pending = [pool.submit(decode_image, storage, path) for path, _ in chunks[0]]
-        for i, chunk in enumerate(chunks):
-            decoded = [future.result() for future in pending]
-            if i + 1 < len(chunks):
-                pending = [pool.submit(decode_image, storage, path) for path, _ in chunks[i + 1]]
-            bad = [(item[0], image) for item, image in zip(chunk, decoded) if isinstance(image, str)]
-            if bad and not skip_bad:
-                for future in pending:
-                    future.cancel()
-                raise UserError(f"{storage.url(bad[0][0])}: {bad[0][1]}; fix or remove it, or pass --skip-bad "
-                                "to leave unreadable images out (they are then listed in index.json)")
-            skipped += bad
-            good = [(item, image) for item, image in zip(chunk, decoded) if not isinstance(image, str)]
-            if good:
-                vectors.append(embed_image_batch([image for _, image in good], embedder.embed))
-                identities += [identity for (_, identity), _ in good]
-                files += [path for (path, _), _ in good]
-            bar.update(len(chunk))
-    bar.close()
-    if not vectors:
-        raise UserError(f"{storage.url()}: none of {len(named)} images could be decoded")
-    return EmbeddingSource(np.concatenate(vectors), np.asarray(identities, dtype=object),
-                           np.asarray(files, dtype=object), f"images {storage.url()}", skipped)
+    return ImageStream(storage, named, embedder, batch_size, skipped, skip_bad, num_workers, progress)
+
+
+def embeddings_from_images(folder: str | Storage, embedder: Any, batch_size: int = 64, **options: Any
+                           ) -> EmbeddingSource:
+    """Every image of `image_stream(folder, embedder, batch_size, **options)` embedded, in one matrix
+    (queries; enrolment streams the blocks into the index instead)."""
+    stream = image_stream(folder, embedder, batch_size, **options)
+    blocks = list(stream.blocks())
+    return EmbeddingSource(np.concatenate([b[0] for b in blocks]),
+                           np.asarray([i for b in blocks for i in b[1]], dtype=object),
+                           np.asarray([f for b in blocks for f in b[2]], dtype=object),
+                           stream.description, stream.skipped)

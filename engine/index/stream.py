@@ -1,5 +1,8 @@
-"""Embedding tables read block by block, so `facegen index build --table` holds about one shard in
-memory whatever the table's size (engine/index/writer.py writes the shards as they fill).
+"""Streamed index builds: every source read block by block into an `IndexWriter`
+(engine/index/writer.py writes the shards as they fill), so `facegen index build` holds about one
+shard in memory whatever the row count. This module reads embedding tables; image folders
+(`sources.image_stream`) and identity_features.json (`features_json.identity_feature_blocks`) stream
+their own blocks into `build_index_from_blocks`.
 
 Tables: a `.npy` float matrix with its labels in `<stem>.labels.parquet` or `<stem>.labels.csv`
 (header `identity,file`), or a `.parquet` file with columns embedding (list<float>), identity, file.
@@ -10,7 +13,9 @@ memory), locally or from any fsspec store.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -187,6 +192,36 @@ def _parquet_blocks(path: str, storage_options: dict | None, block_rows: int) ->
                    _label_column(batch, "file", path))
 
 
+def build_index_from_blocks(blocks: Iterable[Block], out: Storage, *, expected_dim: int | None = None,
+                           info_fields: Callable[[], dict] | dict | None = None,
+                           count_identities: Counter | None = None, **writer_options: Any) -> IndexInfo:
+    """Write every (embeddings, identities, files) block of a source through an `IndexWriter`: memory
+    holds about one shard plus one block. `expected_dim`: the embedder's width, checked on every block.
+    `info_fields` (or a function giving them once the source is read: what it skipped) go to index.json.
+    `count_identities` counts rows per identity as they pass (for the build's summary)."""
+    blocks = iter(blocks)
+    # The first block before the writer: a source that is unreadable or of the wrong width from its
+    # start fails before an existing index is replaced (--overwrite removes it when writing starts).
+    first = next(blocks, None)
+    if first is not None and expected_dim is not None and first[0].shape[1] != expected_dim:
+        raise UserError(f"index build: the source holds {first[0].shape[1]}-d embeddings but the "
+                        f"embedder produces {expected_dim}-d")
+    writer = IndexWriter(out, **writer_options)
+    try:
+        for embeddings, identities, files in itertools.chain([first] if first is not None else [], blocks):
+            if expected_dim is not None and embeddings.shape[1] != expected_dim:
+                raise UserError(f"index build: the source holds {embeddings.shape[1]}-d embeddings but the "
+                                f"embedder produces {expected_dim}-d")
+            writer.add(embeddings, identities, files)
+            if count_identities is not None:
+                count_identities.update(identities)
+    except BaseException:
+        writer.abort()
+        raise
+    fields = info_fields() if callable(info_fields) else dict(info_fields or {})
+    return writer.finish(**fields)
+
+
 def build_index_from_table(path: str, out: Storage, *, storage_options: dict | None = None,
                            block_rows: int | None = None, expected_dim: int | None = None,
                            info_fields: dict | None = None, **writer_options: Any) -> IndexInfo:
@@ -196,15 +231,9 @@ def build_index_from_table(path: str, out: Storage, *, storage_options: dict | N
     if expected_dim is not None and stream.dim is not None and stream.dim != expected_dim:
         raise UserError(f"index build: the source holds {stream.dim}-d embeddings but the embedder "
                         f"produces {expected_dim}-d")
-    writer = IndexWriter(out, **writer_options)
-    try:
-        for embeddings, identities, files in stream.blocks():
-            if expected_dim is not None and embeddings.shape[1] != expected_dim:
-                raise UserError(f"index build: the source holds {embeddings.shape[1]}-d embeddings but the "
-                                f"embedder produces {expected_dim}-d")
-            writer.add(embeddings, identities, files)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish(source=f"table {path}", **(info_fields or {}))
-__all__ = ["TableStream", "build_index_from_table", "open_table"]
+    return build_index_from_blocks(stream.blocks(), out, expected_dim=expected_dim,
+                                   info_fields={"source": f"table {path}", **(info_fields or {})},
+                                   **writer_options)
+
+
+__all__ = ["TableStream", "build_index_from_blocks", "build_index_from_table", "open_table"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from facegen.jobs.common import add_storage_option, parse_storage_options
@@ -105,54 +106,63 @@ def _load_embedder(path: str, device: str, explicit: dict, info=None):
 
 # ----------------------------------------------------------------------------------- build
 def run_build(args: argparse.Namespace) -> int:
-    from facegen.engine.index import (
-        PrivacyIndex,
-        build_index,
-        calibrate,
-        embeddings_from_identity_features,
-        embeddings_from_images,
-    )
+    """Every source streams into the index (engine/index/stream.py): memory stays near one shard."""
+    from collections import Counter
+
+    from facegen.engine.index import PrivacyIndex, calibrate
+    from facegen.engine.index.build import created_by
     from facegen.engine.index.compat import print_impostor_lines
+    from facegen.engine.index.features_json import identity_feature_blocks
+    from facegen.engine.index.sources import image_stream
+    from facegen.engine.index.stream import build_index_from_blocks, open_table
     from facegen.engine.storage import Storage
 
     options = parse_storage_options(args.storage_option)
     explicit = preprocessing_flags(args)
     if explicit and not args.embedder:
         raise UserError("index build: --preprocessing needs --embedder")
+    if args.images and not args.embedder:
+        raise UserError("index build --images: needs --embedder to embed the images")
+    if not args.images and args.nir is not None:
+        raise UserError("index build: --nir/--no-nir apply to --images only")
+    if args.fmr and not args.features:
+        raise UserError("index build: --fmr applies to --features (calibrate other indexes with "
+                        "`facegen index calibrate`)")
     out = Storage(args.out, options)
     out.check_writable()  # before any embedding work
     if out.exists("index.json") and not args.overwrite:
         raise UserError(f"{out.url('index.json')}: an index already exists here (use --overwrite)")
     embedder = _load_embedder(args.embedder, args.device, explicit) if args.embedder else None
+    skipped: list = []
     if args.images:
-        if embedder is None:
-            raise UserError("index build --images: needs --embedder to embed the images")
-        source = embeddings_from_images(args.images, embedder, args.batch, include_nir=args.nir,
-                                        storage_options=options, skip_bad=args.skip_bad)
+        stream = image_stream(args.images, embedder, args.batch, include_nir=args.nir, storage_options=options,
+                              skip_bad=args.skip_bad)
+        blocks, description, skipped = stream.blocks(), stream.description, stream.skipped
+    elif args.table:
+        table = open_table(args.table, options)
+        blocks, description = table.blocks(), f"table {args.table}"
     else:
-        if args.nir is not None:
-            raise UserError("index build: --nir/--no-nir apply to --images only")
-        if args.fmr and not args.features:
-            raise UserError("index build: --fmr applies to --features (calibrate other indexes with "
-                            "`facegen index calibrate`)")
-        if args.table:
-            return _build_from_table(args, out, options, embedder)
-        source = embeddings_from_identity_features(args.features, options)
-    if embedder is not None and source.embeddings.shape[1] != embedder.dim:
-        raise UserError(f"index build: the source holds {source.embeddings.shape[1]}-d embeddings but "
-                        f"--embedder {args.embedder} produces {embedder.dim}-d")
-    info = build_index(
-        source.embeddings, source.identities, source.files, out,
-        embedder_fingerprint=embedder.fingerprint if embedder else None,
-        preprocessing=embedder.preprocessing.to_dict() if embedder else None,
-        embedder_weights=embedder.weights_fingerprint if embedder else None,
-        shard_size=args.shard_size, source=source.description, drop_invalid=args.drop_invalid,
-        dropped=source.skipped_by_reason(), overwrite=args.overwrite, skipped=source.skipped,
-        row_dtype=args.row_dtype)
+        blocks = identity_feature_blocks(args.features, options)
+        description = f"identity_features.json {args.features}"
+    fields = {"embedder_fingerprint": embedder.fingerprint if embedder else None,
+              "preprocessing": embedder.preprocessing.to_dict() if embedder else None,
+              "embedder_weights": embedder.weights_fingerprint if embedder else None,
+              "source": description, "created_by": created_by()}
+
+    def info_fields() -> dict:  # once the source is read: what it skipped
+        return {**fields, "dropped": dict(Counter(reason.split(":")[0] for _, reason in skipped)),
+                "skipped": tuple({"file": str(f), "reason": str(r)} for f, r in skipped)}
+
+    per_identity: Counter = Counter()
+    info = build_index_from_blocks(
+        blocks, out, expected_dim=embedder.dim if embedder else None, info_fields=info_fields,
+        count_identities=per_identity, shard_size=args.shard_size, drop_invalid=args.drop_invalid,
+        overwrite=args.overwrite, row_dtype=args.row_dtype)
     print(f"wrote {args.out}: {info.count} embeddings of {info.num_identities} identities, dim {info.dim}, "
           f"{info.num_shards} shard(s)")
-    print_identity_counts(source.identities)
-    for path, reason in source.skipped:
+    if not args.table:
+        print_identity_counts(per_identity)
+    for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     for reason, count in sorted(info.dropped.items()):
         print(f"dropped {count}: {reason}")
@@ -167,31 +177,12 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_from_table(args: argparse.Namespace, out, options: dict, embedder) -> int:
-    """Tables stream: memory stays near one shard whatever the table's size."""
-    from facegen.engine.index.compat import print_impostor_lines
-    from facegen.engine.index.stream import build_index_from_table
-
-    info = build_index_from_table(
-        args.table, out, storage_options=options, expected_dim=embedder.dim if embedder else None,
-        info_fields={"embedder_fingerprint": embedder.fingerprint if embedder else None,
-                     "preprocessing": embedder.preprocessing.to_dict() if embedder else None,
-                     "embedder_weights": embedder.weights_fingerprint if embedder else None},
-        shard_size=args.shard_size, drop_invalid=args.drop_invalid, overwrite=args.overwrite,
-        row_dtype=args.row_dtype)
-    print(f"wrote {args.out}: {info.count} embeddings of {info.num_identities} identities, dim {info.dim}, "
-          f"{info.num_shards} shard(s)")
-    for reason, count in sorted(info.dropped.items()):
-        print(f"dropped {count}: {reason}")
-    print_impostor_lines(info.impostor_scores)
-    return 0
-
-
-def print_identity_counts(identities: np.ndarray, show: int = 20) -> None:
+def print_identity_counts(per_identity: Mapping[str, int], show: int = 20) -> None:
     """Images enrolled per identity: every identity while few, else a summary and the smallest."""
     import numpy as np
 
-    names, counts = np.unique(np.asarray(identities, dtype=str), return_counts=True)
+    names = np.asarray(sorted(per_identity), dtype=str)
+    counts = np.asarray([per_identity[n] for n in names], np.int64)
     if len(names) <= show:
         print("images per identity: " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
         return
