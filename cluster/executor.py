@@ -42,9 +42,10 @@ from facegen.cluster.actors import (
     plan_workers,
     raise_user_error,
 )
-from facegen.cluster.remote_index import RemoteIndex
+from facegen.cluster.remote_index import RemoteAnchors, RemoteIndex
 from facegen.engine.dataset.manifest import remove_incomplete
 from facegen.engine.identities import IDENTITIES_FILE
+from facegen.engine.index.anchors import SHARD_ROWS
 from facegen.engine.index.search import PrivacyIndex
 from facegen.engine.job import (
     compat_index_pending,
@@ -104,6 +105,7 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
                              max_failed_starts=spec.run.max_retries, on_event=on_event)
         proposer = ProposeMany(pool, spec.run.max_retries)
         timer.mark_start()  # the output and models checked on the driver, Ray up, the index opened
+        anchors: list[RemoteAnchors] = []
         try:
             # The pool starts lazily (a resume with nothing to do starts no actor); started here, the
             # actors' model loading is timed apart from the work.
@@ -116,12 +118,13 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
             if todo:
                 with timer.phase("model_load"):
                     pool.start()
+                anchors += place_anchors(spec, identities, plan)
             with timer.phase("shards"):
                 shards = ShardScheduler(pool, spec.run.max_retries, on_event).run(identities, todo, progress)
             stages = pool.stage_times()
         finally:
             pool.shutdown()
-            for r in remote:
+            for r in remote + anchors:
                 r.shutdown()
         # An actor lost while writing leaves its temp files (its shard was redone elsewhere); the
         # pool is gone, so no writer runs now and every unmarked file is such a leftover.
@@ -130,7 +133,8 @@ def run_ray(spec: JobSpec, resume: bool = False, progress: bool = True, *, on_ev
     report["executor"] = {
         "kind": "ray", "workers": len(pool.slots), "gpus_per_worker": plan.num_gpus,
         "cpus_per_worker": plan.num_cpus, "nodes": len(pool.nodes), "index_placement": placement,
-        "index_actors": remote[0].num_actors if remote else 0, "actors_replaced": pool.replaced,
+        "index_actors": remote[0].num_actors if remote else 0,
+        "anchor_actors": len(anchors[0].actors) if anchors else 0, "actors_replaced": pool.replaced,
         "proposal_retries": proposer.retries, **shards, "seconds": round(time.monotonic() - timer.started, 3),
         "overlap": spec.run.overlap, "stages": stages,
     }
@@ -175,6 +179,22 @@ def _init_keeping_sigterm(**options) -> None:
     ray.init(**options)
     if callable(before):
         signal.signal(signal.SIGTERM, before)
+
+
+def place_anchors(spec: JobSpec, identities: Identities, plan: WorkerPlan) -> list[RemoteAnchors]:
+    """Where expansion searches the accepted anchors for separability, by the privacy index's rule
+    (`choose_placement` of `run.index_placement`): replicated, each generator actor indexes its copy of
+    the identities table (nothing to start); sharded, index-shard actors hold them (`RemoteAnchors`,
+    `run.index_actors` of them, else one per 2^18 anchors) and travel with the table."""
+    count, dim = identities.anchor.shape
+    placement = choose_placement(spec.run.index_placement, count * dim * 4, plan.num_workers, worker_node_memory())
+    if placement != "sharded" or count < 2:
+        return []
+    actors = spec.run.index_actors or -(-count // SHARD_ROWS)
+    anchors = RemoteAnchors.start(identities.anchor, actors, shard_rows=min(SHARD_ROWS, -(-count // actors)),
+                                  max_restarts=spec.run.max_retries)
+    identities.anchor_search = anchors
+    return [anchors]
 
 
 def open_driver_index(spec: JobSpec, out: Storage, plan: WorkerPlan) -> PrivacyIndex:

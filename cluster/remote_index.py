@@ -20,8 +20,9 @@ import numpy as np
 import ray
 import torch
 
+from facegen.engine.index.anchors import anchor_shards
 from facegen.engine.index.protocol import checked_rows
-from facegen.engine.index.search import IndexShard, PrivacyIndex, reduce_max
+from facegen.engine.index.search import IndexShard, PrivacyIndex, reduce_max, reduce_topk
 
 
 @ray.remote
@@ -39,6 +40,10 @@ class IndexShardActor:
 
     def max_similarity(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return reduce_max([shard.max_similarity(queries) for shard in self.shards])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over this actor's rows, global row ids (the anchors' separability search)."""
+        return reduce_topk([shard.search(queries, k) for shard in self.shards], k)
 
     def labels_of(self, rows: np.ndarray, column: int) -> np.ndarray:
         """Identity (column 0) or file (column 1) of global rows inside this actor's range."""
@@ -60,6 +65,56 @@ def group_shards(counts: Sequence[int], num_groups: int) -> list[range]:
     return [range(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+def start_shard_actors(shards: Sequence[IndexShard], dim: int, num_actors: int, *, max_restarts: int = 3,
+                       options: dict | None = None) -> tuple[list[Any], list[int]]:
+    """`IndexShardActor`s holding consecutive groups of `shards` (at most `num_actors`), started and
+    ready; returns them with the first global row of each."""
+    groups = group_shards([shard.count for shard in shards], num_actors)
+    actors = []
+    for group in groups:
+        mine = [shards[i] for i in group]
+        vector_bytes = sum(s.count for s in mine) * dim * 4
+        actor = IndexShardActor.options(
+            num_cpus=0, memory=max(vector_bytes, 1), scheduling_strategy="SPREAD",
+            max_restarts=max_restarts, max_task_retries=max_restarts, **(options or {}),
+        ).remote(mine)
+        actors.append(actor)
+    ray.get([a.ready.remote() for a in actors])
+    return actors, [shards[g.start].offset for g in groups]
+
+
+class RemoteAnchors:
+    """Accepted identities' anchors held by index-shard actors: the separability search of expansion
+    (`search(queries, k)`, exact top-k in global rows = identity labels) when the anchors are too many to
+    replicate into every generator actor (engine/index/anchors.py decides with it). Picklable: ships to
+    generator actors with the identities table (`Identities.anchor_search`)."""
+
+    remote = True  # `Identities` keeps it when pickled (a local index is rebuilt where it lands)
+
+    def __init__(self, actors: Sequence[Any], count: int):
+        self.actors, self.count = list(actors), count
+
+    @classmethod
+    def start(cls, anchors: np.ndarray, num_actors: int, *, shard_rows: int | None = None, max_restarts: int = 3,
+              options: dict | None = None) -> RemoteAnchors:
+        """In-memory shards of `anchors` (pickled with their rows) placed into at most `num_actors` actors."""
+        shards = anchor_shards(anchors, shard_rows)
+        actors, _ = start_shard_actors(shards, anchors.shape[1], num_actors, max_restarts=max_restarts,
+                                       options=options)
+        return cls(actors, len(anchors))
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over every anchor: every actor answers, `reduce_topk` merges (ties to the smallest row)."""
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().cpu().numpy()
+        ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        return reduce_topk(ray.get([a.search.remote(ref, k) for a in self.actors]), k)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
 class RemoteIndex:
     """The engine's `Index` over index-shard actors (picklable: ships to generator actors).
 
@@ -76,18 +131,10 @@ class RemoteIndex:
     def start(cls, index: PrivacyIndex, num_actors: int, *, max_restarts: int = 3,
               options: dict | None = None) -> RemoteIndex:
         """Place the index's shards into at most `num_actors` actors (consecutive groups) and wait for them."""
-        groups = group_shards([index.shard(i).count for i in range(index.num_shards)], num_actors)
-        actors = []
-        for group in groups:
-            shards = [index.shard(i) for i in group]
-            vector_bytes = sum(s.count for s in shards) * index.dim * 4
-            actor = IndexShardActor.options(
-                num_cpus=0, memory=max(vector_bytes, 1), scheduling_strategy="SPREAD",
-                max_restarts=max_restarts, max_task_retries=max_restarts, **(options or {}),
-            ).remote(shards)
-            actors.append(actor)
-        ray.get([a.ready.remote() for a in actors])
-        return cls(index, actors, [index.shard(g.start).offset for g in groups])
+        shards = [index.shard(i) for i in range(index.num_shards)]
+        actors, row_starts = start_shard_actors(shards, index.dim, num_actors, max_restarts=max_restarts,
+                                                options=options)
+        return cls(index, actors, row_starts)
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -38,6 +38,9 @@ class Candidates:
     embedding: torch.Tensor  # float32 [N, dim], L2-normalised, on the bundle's device
     real_sim: np.ndarray  # float32 [N]: max cosine to any enrolled image (VIS, and NIR if checked)
     real_row: np.ndarray  # int64 [N]: the enrolled row that achieved it
+    # bool [N]: `embedding` is the fp32 embedder's (always, unless the embedder runs in reduced
+    # precision and the candidate was not rechecked); comparisons near a threshold need it exact.
+    exact: np.ndarray | None = None
 
     def put(self, rows: np.ndarray, other: Candidates) -> None:
         """Replace the given rows by `other`'s (in order): a repaired candidate takes a rejected one's place."""
@@ -47,6 +50,7 @@ class Candidates:
         self.embedding[torch.from_numpy(rows).to(self.embedding.device)] = other.embedding
         self.real_sim[rows] = other.real_sim
         self.real_row[rows] = other.real_row
+        self.exact[rows] = other.exact
 
 
 @dataclass
@@ -106,18 +110,20 @@ class Bundle:
         return noise or None
 
     def evaluate(self, conditions: np.ndarray, latent_keys: np.ndarray,
-                 targets: SwapTargets | None = None) -> Candidates:
-        """Render, embed and privacy-query candidates in batches of `batch_size` (`targets`: see `render`)."""
+                 targets: SwapTargets | None = None, *, exact: bool = False) -> Candidates:
+        """Render, embed and privacy-query candidates in batches of `batch_size` (`targets`: see `render`).
+        `exact`: embed in fp32 whatever `embedder.dtype` says (identity anchors, which everything is
+        compared with)."""
         parts = []
         step = self.spec.batch_size
         for start in range(0, len(latent_keys), step):
             rows = slice(start, start + step)
             parts.append(self._evaluate_batch(conditions[rows], latent_keys[rows],
-                                              None if targets is None else targets.take(rows)))
+                                              None if targets is None else targets.take(rows), exact))
         return _concat(parts)
 
     def _evaluate_batch(self, conditions: np.ndarray, latent_keys: np.ndarray,
-                        targets: SwapTargets | None) -> Candidates:
+                        targets: SwapTargets | None, exact: bool = False) -> Candidates:
         vis, nir = self.render(conditions, latent_keys, targets)
         # The images travel to the host while the embedder runs (pinned, non-blocking on CUDA).
         vis_host = HostCopy(vis.permute(0, 2, 3, 1))
@@ -127,9 +133,9 @@ class Bundle:
             # Certify the pixels a reader will decode, not the ones before lossy compression; the shard
             # encodes `vis` with the same deterministic encoder, so it decodes to exactly `seen`.
             seen = lossy_round_trip(vis, output.image_format, output.jpeg_quality)
-        embedding, sims, rows = self._embed_and_query(seen)
+        embedding, sims, rows, is_exact = self._embed_and_query(seen, exact)
         if self.spec.privacy.check_nir and nir is not None:
-            _, nir_sims, nir_rows = self._embed_and_query(nir)
+            _, nir_sims, nir_rows, _ = self._embed_and_query(nir, exact)
             use_nir = np.asarray(nir_sims) > sims
             sims = np.where(use_nir, nir_sims, sims).astype(np.float32)
             rows = np.where(use_nir, nir_rows, rows).astype(np.int64)
@@ -142,25 +148,39 @@ class Bundle:
             embedding=embedding,
             real_sim=sims,
             real_row=rows,
+            exact=is_exact,
         )
 
     @property
     def precision(self) -> Precision:
         return Precision.of(self.spec.embedder.dtype, self.spec.privacy.recheck_margin)
 
-    def _embed_and_query(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """Embedding, max similarity and row of uint8 images; with a reduced-precision embedder, the
-        candidates near the privacy threshold are decided on their fp32 embedding (engine/precision.py)."""
-        precision = self.precision
+    def _embed_and_query(self, images: torch.Tensor, exact: bool = False
+                         ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+        """Embedding, max similarity and row of uint8 images, and which embeddings are fp32; with a
+        reduced-precision embedder, the candidates near the privacy threshold are decided on their fp32
+        embedding (engine/precision.py)."""
+        precision = Precision() if exact else self.precision
         embedder = reduced_embedder(self.embedder, precision.dtype)
         embedding = embedder.embed(images).to(self.device, torch.float32)
         sims, rows = self.index.max_similarity(embedding)
         sims, rows = np.asarray(sims, np.float32), np.asarray(rows, np.int64)
+        rechecked = np.full(len(sims), not precision.reduced)
         if precision.reduced:
-            sims, rows, embedding, _ = recheck(sims, rows, embedding, images, self.embedder.embed,
-                                               self.index.max_similarity, self.spec.privacy.threshold,
-                                               precision.margin)
-        return embedding, sims, rows
+            sims, rows, embedding, rechecked = recheck(sims, rows, embedding, images, self.embedder.embed,
+                                                       self.index.max_similarity, self.spec.privacy.threshold,
+                                                       precision.margin)
+        return embedding, sims, rows, rechecked
+
+    def embed_exact(self, vis: np.ndarray) -> torch.Tensor:
+        """fp32 embeddings (float32 [N, dim] on the device) of uint8 NHWC images as `evaluate` saw them
+        (after the lossy round trip when the output format is lossy): the recheck of a reduced-precision
+        candidate near the same-identity, separability or diversity threshold."""
+        images = torch.from_numpy(np.ascontiguousarray(vis)).permute(0, 3, 1, 2).to(self.device)
+        output = self.spec.output
+        if output.image_format != "png":
+            images = lossy_round_trip(images, output.image_format, output.jpeg_quality)
+        return self.embedder.embed(images).to(self.device, torch.float32)
 
 
 def lossy_round_trip(images: torch.Tensor, image_format: str, quality: int) -> torch.Tensor:
@@ -180,6 +200,7 @@ def _concat(parts: list[Candidates]) -> Candidates:
         embedding=torch.cat([p.embedding for p in parts]),
         real_sim=np.concatenate([p.real_sim for p in parts]),
         real_row=np.concatenate([p.real_row for p in parts]),
+        exact=np.concatenate([p.exact for p in parts]),
     )
 
 

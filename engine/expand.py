@@ -17,7 +17,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from facegen.engine.bundle import Bundle
+from facegen.engine.bundle import Bundle, Candidates
+from facegen.engine.index.anchors import best_other, exact_sims, max_other_above, near, settle_above, settle_at_least
 from facegen.engine.phases import ExpandedShard, Identities
 from facegen.engine.repair import NOT_SWAPPED, SwapTargets, repair_rejected
 from facegen.engine.seeding import Stream, draw_keys
@@ -27,9 +28,10 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
     spec, device = bundle.spec, bundle.device
     K, limits = spec.samples_per_identity, spec.filter
     labels = np.asarray(labels, np.int64)
-    # torch.tensor copies: under Ray the identities arrive read-only from the object store.
-    all_anchors = torch.tensor(identities.anchor, device=device)
-    own_anchor = all_anchors[torch.from_numpy(labels).to(device)]
+    # Only this shard's own anchors as a tensor; every other identity is searched through the anchor
+    # index (engine/index/anchors.py), never as a [candidates x identities] matrix.
+    own_anchor = torch.tensor(identities.anchor[labels], device=device)
+    checks = _Checks(bundle, identities, labels, own_anchor)
     state = _ShardState(len(labels), K, identities.anchor.shape[1], device)
 
     while True:
@@ -54,19 +56,13 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
         level, tried = None, None
         if targets is not None:
             found, level, tried = repair_rejected(bundle, conditions, keys, targets, found)
-        embedding = found.embedding.float()
 
         # Phase b: the checks that do not depend on other candidates, all at once.
-        anchor_sim = (embedding * own_anchor[owner]).sum(dim=1).cpu().numpy()
-        others = embedding @ all_anchors.T
-        others[torch.arange(len(owner)), torch.from_numpy(labels[owner]).to(device)] = -torch.inf
-        separability_sim = (
-            others.max(dim=1).values.cpu().numpy() if len(all_anchors) > 1 else np.full(len(owner), -1.0)
-        )
+        anchor_sim, too_close = checks.same_and_separability(found, owner)
         reason = np.full(len(owner), "", dtype=object)
         reason[~bundle.gate(found.vis)] = "quality"
         reason[anchor_sim < limits.same_threshold] = "same"
-        reason[separability_sim > spec.privacy.separability] = "separability"
+        reason[too_close] = "separability"
         reason[found.real_sim > spec.privacy.value] = "privacy"
         reason[~np.isfinite(found.real_sim) | ~np.isfinite(anchor_sim)] = "invalid"
 
@@ -76,10 +72,76 @@ def expand_shard(bundle: Bundle, identities: Identities, labels: np.ndarray) -> 
             rows = rows[state.count[owner[rows]] < K]
             if not rows.size:
                 break
-            state.step(rows, owner, attempt, reason, found, embedding, anchor_sim, limits.diversity_threshold,
+            state.step(rows, owner, attempt, reason, found, anchor_sim, limits.diversity_threshold, checks,
                        level, tried)
 
     return state.result(labels, identities, spec.privacy.value, bundle.index, repair=bundle.repair is not None)
+
+
+class _Checks:
+    """Same-identity, separability and diversity decisions that equal an fp32 run's and do not depend on
+    the search's sharding: a reduced-precision candidate within the embedder's margin δ of a threshold
+    is re-embedded in fp32 first (`Bundle.embed_exact`, as the privacy recheck does), then any float32
+    similarity within the summation-order window is decided in float64 (engine/index/anchors.py)."""
+
+    def __init__(self, bundle: Bundle, identities: Identities, labels: np.ndarray, own_anchor: torch.Tensor):
+        self.bundle, self.identities, self.labels, self.own_anchor = bundle, identities, labels, own_anchor
+        self.margin = bundle.precision.margin if bundle.precision.reduced else 0.0
+        self.dim = identities.anchor.shape[1]
+        self.search = identities.searcher(str(bundle.device)) if len(identities) > 1 else None
+        self.same = bundle.spec.filter.same_threshold
+        self.separability = bundle.spec.privacy.separability
+
+    def near(self, sims: np.ndarray, threshold: float, extra: float | np.ndarray = 0.0) -> np.ndarray:
+        return near(sims, threshold, extra, dim=self.dim)
+
+    def make_exact(self, found: Candidates, rows: np.ndarray) -> np.ndarray:
+        """Re-embed the reduced-precision candidates among `rows` in fp32; returns the ones it changed."""
+        rows = rows[~found.exact[rows]]
+        if len(rows):
+            exact = self.bundle.embed_exact(found.vis[rows])
+            found.embedding[torch.from_numpy(rows).to(found.embedding.device)] = exact
+            found.exact[rows] = True
+        return rows
+
+    def same_and_separability(self, found: Candidates, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(similarity to the own anchor, settled at the same-identity threshold; too close to another
+        identity's anchor) per candidate."""
+        labels = self.labels[owner]
+        anchor_sim = self._anchor_sim(found, owner)
+        best = self._best_other(found.embedding, labels)
+        if self.margin:
+            unsure = self.near(anchor_sim, self.same, self.margin) | self.near(best, self.separability, self.margin)
+            changed = self.make_exact(found, np.flatnonzero(unsure))
+            if len(changed):
+                anchor_sim[changed] = self._anchor_sim(found, owner, changed)
+                best[changed] = self._best_other(found.embedding[torch.from_numpy(changed).to(self.bundle.device)],
+                                                 labels[changed])
+        close = np.flatnonzero(self.near(anchor_sim, self.same))
+        if len(close):
+            index = torch.from_numpy(close).to(found.embedding.device)
+            exact = exact_sims(found.embedding[index].cpu().numpy(), self.identities.anchor[labels[close]])
+            anchor_sim[close] = settle_at_least(exact, self.same)
+        if self.search is None:
+            return anchor_sim, np.zeros(len(owner), bool)
+        _, too_close = max_other_above(self.search.search, self.identities_vectors,
+                                       found.embedding.cpu().numpy(), self.separability, exclude=labels, best=best)
+        return anchor_sim, too_close
+
+    def identities_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.identities.anchor[np.asarray(rows, np.int64)]
+
+    def _anchor_sim(self, found: Candidates, owner: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        embedding, anchors = found.embedding, self.own_anchor[torch.from_numpy(owner).to(self.own_anchor.device)]
+        if rows is not None:
+            index = torch.from_numpy(rows).to(embedding.device)
+            embedding, anchors = embedding[index], anchors[index]
+        return (embedding.float() * anchors).sum(dim=1).cpu().numpy()
+
+    def _best_other(self, embedding: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+        if self.search is None:  # a single identity has no other
+            return np.full(len(labels), -np.inf, np.float32)
+        return best_other(*self.search.search(embedding.float().cpu().numpy(), 2), labels)
 
 
 class _ShardState:
@@ -90,25 +152,54 @@ class _ShardState:
         self.count = np.zeros(n, np.int64)
         self.next_attempt = np.zeros(n, np.int64)
         self.embeddings = torch.zeros(n, K, dim, device=device)
+        self.exact = np.zeros((n, K), bool)  # is the accepted sample's embedding the fp32 one
+        self.images: dict[tuple[int, int], np.ndarray] = {}  # (identity, sample) -> VIS, for fp32 rechecks
         self.reasons: Counter = Counter()
         self.attempts = 0
         self.chunks: list[dict[str, np.ndarray]] = []
         # privacy.repair: candidates repaired here, and what became of them ('accepted' or a reason)
         self.repair_outcomes: Counter = Counter()
 
-    def step(self, rows, owner, attempt, reason, found, embedding, anchor_sim, diversity_threshold,
+    def diversity(self, rows, owner, found: Candidates, checks: _Checks, threshold: float) -> np.ndarray:
+        """Max similarity of each candidate in `rows` to its identity's accepted samples (-inf: none):
+        a pair within the margin of the threshold is compared in fp32 on both sides, one within the
+        float32 window in float64 (and settled on its side of the threshold)."""
+        ids = owner[rows]
+        device = found.embedding.device
+        index = torch.from_numpy(rows).to(device)
+        filled = (np.arange(self.K)[None, :] < self.count[ids][:, None])
+
+        def pair_sims() -> np.ndarray:
+            sims = torch.einsum("bd,bkd->bk", found.embedding[index], self.embeddings[ids])
+            return np.where(filled, sims.cpu().numpy(), np.float32(-np.inf))
+
+        sims = pair_sims()
+        if checks.margin:  # the pair's margin: δ for each side still in reduced precision
+            sides = (~found.exact[rows])[:, None].astype(np.int64) + (~self.exact[ids]).astype(np.int64)
+            unsure = checks.near(sims, threshold, checks.margin * sides) & filled & (sides > 0)
+            if unsure.any():
+                checks.make_exact(found, rows[unsure.any(axis=1)])
+                b, k = np.nonzero(unsure & ~self.exact[ids])
+                if len(b):
+                    vis = np.stack([self.images[(int(ids[i]), int(j))] for i, j in zip(b, k)])
+                    self.embeddings[torch.from_numpy(ids[b]), torch.from_numpy(k)] = checks.bundle.embed_exact(vis)
+                    self.exact[ids[b], k] = True
+                sims = pair_sims()
+        b, k = np.nonzero(checks.near(sims, threshold) & filled)
+        if len(b):
+            candidate = found.embedding[torch.from_numpy(rows[b]).to(device)].cpu().numpy()
+            accepted = self.embeddings[torch.from_numpy(ids[b]), torch.from_numpy(k)].cpu().numpy()
+            sims[b, k] = settle_above(exact_sims(candidate, accepted), threshold)
+        return sims.max(axis=1)
+
+    def step(self, rows, owner, attempt, reason, found, anchor_sim, diversity_threshold, checks,
              level=None, tried=None) -> None:
         """Decide one attempt position: `rows` hold at most one candidate per open identity. `level` and
         `tried` (privacy.repair): each candidate's repair level and whether it was repaired here."""
         ids = owner[rows]
         self.attempts += len(rows)
         self.next_attempt[ids] = attempt[rows] + 1
-        filled = torch.from_numpy(self.count[ids]).to(embedding.device)
-        mask = torch.arange(self.K, device=embedding.device)[None, :] < filled[:, None]
-        sims = torch.einsum("bd,bkd->bk", embedding[rows], self.embeddings[ids]).masked_fill(
-            ~mask, -torch.inf
-        )
-        diversity_sim = sims.max(dim=1).values.cpu().numpy()
+        diversity_sim = self.diversity(rows, owner, found, checks, diversity_threshold)
         passing = reason[rows] == ""
         reason[rows[passing & (diversity_sim > diversity_threshold)]] = "diversity"
         self.reasons.update(r for r in reason[rows] if r)
@@ -119,7 +210,10 @@ class _ShardState:
             self.repair_outcomes.update(reason[r] or "accepted" for r in repaired)
         take, local = rows[accept], ids[accept]
         sample = self.count[local].copy()
-        self.embeddings[local, sample] = embedding[take]
+        self.embeddings[local, sample] = found.embedding[take]
+        self.exact[local, sample] = found.exact[take]
+        if checks.margin:
+            self.images.update({(int(i), int(s)): found.vis[t] for i, s, t in zip(local, sample, take)})
         self.count[local] += 1
         self.chunks.append(
             {

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from facegen.engine.bundle import Bundle
+from facegen.engine.index.anchors import AnchorIndex, AnchorShards, exact_sims, max_other_above, near, settle_above
 from facegen.engine.repair import NOT_SWAPPED, SwapTargets, repair_rejected
 from facegen.engine.seeding import Stream, draw_keys, random_directions
 
@@ -52,11 +54,13 @@ def propose(bundle: Bundle, slots: np.ndarray) -> Proposals:
     slots = np.asarray(slots, np.int64)
     conditions = conditions_for(bundle, slots)
     keys = draw_keys(spec.seed, Stream.LATENT, slots, 0)
-    found = bundle.evaluate(conditions, keys)
+    # Anchors in fp32 whatever embedder.dtype says: every later decision compares with them, and so
+    # identities.parquet (and everything decided against it) is the same as an fp32 run's.
+    found = bundle.evaluate(conditions, keys, exact=True)
     level = tried = None
     if bundle.repair is not None:
         unswapped = SwapTargets(slots, np.full(len(slots), NOT_SWAPPED, np.int64))
-        found, level, tried = repair_rejected(bundle, conditions, keys, unswapped, found)
+        found, level, tried = repair_rejected(bundle, conditions, keys, unswapped, found, exact=True)
     verdict = np.full(len(slots), "ok", dtype=object)
     verdict[~bundle.gate(found.vis)] = "quality"
     verdict[found.real_sim > spec.privacy.value] = "privacy"
@@ -79,20 +83,24 @@ class Selection:
 
     A passing slot is accepted if its anchor is at most `threshold` similar to every earlier accepted
     anchor. Offering proposals in several calls gives the same result as one call with all of them.
+    Earlier anchors are searched through an `AnchorIndex` (the privacy index's exact search, shard by
+    shard), and every similarity near the threshold is decided in float64 (engine/index/anchors.py),
+    so acceptance never depends on how the search is sharded or batched.
     """
 
     wanted: int
     threshold: float
     rows: list[Proposals] = field(default_factory=list)
-    anchors: np.ndarray | None = None  # float32 [accepted, dim]
+    index: AnchorIndex | None = None  # the accepted anchors, label = row
     verdicts: Counter = field(default_factory=Counter)
     offered: int = 0
     # Verdicts of the proposals whose anchor went through privacy repair ('ok': accepted, repaired).
     repair_verdicts: Counter = field(default_factory=Counter)
+    device: str = "cpu"
 
     @property
     def accepted(self) -> int:
-        return 0 if self.anchors is None else len(self.anchors)
+        return 0 if self.index is None else self.index.count
 
     @property
     def done(self) -> bool:
@@ -108,12 +116,13 @@ class Selection:
     def _offer_block(self, proposals: Proposals, rows: np.ndarray) -> None:
         verdict = proposals.verdict[rows].copy()
         anchors = proposals.anchor[rows]
-        # Against everything accepted before this block: one matrix product.
-        if self.accepted:
-            too_close = (anchors @ self.anchors.T).max(axis=1) > self.threshold
-            verdict[(verdict == "ok") & too_close] = "separability"
+        ok = np.flatnonzero(verdict == "ok")
+        # Against everything accepted before this block: one exact search.
+        if self.accepted and len(ok):
+            _, too_close = max_other_above(self.index.search, self.index.vectors, anchors[ok], self.threshold)
+            verdict[ok[too_close]] = "separability"
         # Within the block the greedy pass is sequential by nature; it is cheap (block x block).
-        within = anchors @ anchors.T
+        close = pairwise_above(anchors, self.threshold)
         taken: list[int] = []
         for i in range(len(rows)):
             if self.accepted + len(taken) >= self.wanted:
@@ -121,7 +130,7 @@ class Selection:
                 break
             if verdict[i] != "ok":
                 continue
-            if taken and within[i, taken].max() > self.threshold:
+            if taken and close[i, taken].any():
                 verdict[i] = "separability"
                 continue
             taken.append(i)
@@ -132,8 +141,17 @@ class Selection:
         if taken:
             chosen = rows[np.asarray(taken)]
             self.rows.append(_take(proposals, chosen))
-            new = proposals.anchor[chosen]
-            self.anchors = new if self.anchors is None else np.concatenate([self.anchors, new])
+            if self.index is None:
+                self.index = AnchorIndex(anchors.shape[1], device=self.device)
+            self.index.add(proposals.anchor[chosen])
+
+
+def pairwise_above(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """bool [n, n]: similarity of rows i and j > threshold, decided in float64 near the threshold."""
+    sims = vectors @ vectors.T
+    i, j = np.nonzero(near(sims, threshold, dim=vectors.shape[1]))
+    sims[i, j] = settle_above(exact_sims(vectors[i], vectors[j]), threshold)
+    return sims > threshold
 
 
 def _take(p: Proposals, rows: np.ndarray) -> Proposals:
@@ -160,9 +178,24 @@ class Identities:
     anchor_real_identity: np.ndarray  # str [N]
     # With privacy.repair: the repair level every sample of the identity is rendered at (-1: none).
     repair: np.ndarray | None = None  # int64 [N]
+    # Where the anchors are searched for separability (an `AnchorIndex` / `AnchorShards` in this
+    # process, or the cluster's `RemoteAnchors`); None: built from `anchor` where first needed.
+    anchor_search: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.slot)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if not getattr(state["anchor_search"], "remote", False):
+            state["anchor_search"] = None  # a local index stays in its process: the receiver builds its own
+        return state
+
+    def searcher(self, device: str = "cpu") -> Any:
+        """The anchors' exact search (`search(queries, k)`), built here on first use."""
+        if self.anchor_search is None:
+            self.anchor_search = AnchorShards(self.anchor, device=str(device))
+        return self.anchor_search
 
     @classmethod
     def from_selection(cls, selection: Selection) -> Identities:
@@ -171,7 +204,8 @@ class Identities:
         if not parts:
             raise ValueError("no identity was accepted")
         repair = cat("repair") if parts[0].repair is not None else None
-        return cls(cat("slot"), cat("condition"), cat("anchor"), cat("real_sim"), cat("real_identity"), repair)
+        return cls(cat("slot"), cat("condition"), cat("anchor"), cat("real_sim"), cat("real_identity"), repair,
+                   anchor_search=selection.index)
 
 
 @dataclass

@@ -143,7 +143,7 @@ def is_rejected(real_sim: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def repair_rejected(bundle: Bundle, conditions: np.ndarray, latent_keys: np.ndarray, targets: SwapTargets,
-                    found: Candidates) -> tuple[Candidates, np.ndarray, np.ndarray]:
+                    found: Candidates, *, exact: bool = False) -> tuple[Candidates, np.ndarray, np.ndarray]:
     """Privacy-rejected candidates re-rendered at their next repair levels until one passes privacy or
     the tries run out. Returns the candidates (repaired rows replaced in place), each row's final level
     and which rows were repaired at all. Batched: one `evaluate` per level over the rows still failing."""
@@ -154,7 +154,8 @@ def repair_rejected(bundle: Bundle, conditions: np.ndarray, latent_keys: np.ndar
     tried[todo] = True
     while todo.size:
         levels[todo] += 1
-        again = bundle.evaluate(conditions[todo], latent_keys[todo], SwapTargets(targets.slots[todo], levels[todo]))
+        again = bundle.evaluate(conditions[todo], latent_keys[todo], SwapTargets(targets.slots[todo], levels[todo]),
+                                exact=exact)  # fp32 for anchors, as `propose` embeds them
         found.put(todo, again)
         todo = todo[is_rejected(again.real_sim, threshold) & (levels[todo] + 1 < tries)]
     return found, levels, tried

@@ -14,6 +14,8 @@ from tests.engine.tiny import make_index, real_population, tiny_bundle, tiny_emb
 def read_only(identities: Identities) -> Identities:
     arrays = {}
     for field in dataclasses.fields(identities):
+        if field.name == "anchor_search":  # not data: where the anchors are searched
+            continue
         value = np.array(getattr(identities, field.name))
         value.setflags(write=False)
         arrays[field.name] = value
