@@ -22,7 +22,7 @@ import numpy as np
 from facegen.models.errors import UserError
 
 CHUNK_CHARS = 1 << 20
-BLOCK_ROWS = 2048
+BLOCK_ROWS = 256  # rows decoded before they become float32: 256 x 512 Python floats are ~4 MiB
 _WHITESPACE = " \t\n\r"
 Block = tuple[np.ndarray, list[str], list[str]]
 

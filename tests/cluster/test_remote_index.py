@@ -97,3 +97,38 @@ def test_bad_queries_fail_as_in_process(remote, index):
 )
 def test_group_shards(counts, groups, expected):
     assert group_shards(counts, groups) == expected
+
+
+def test_remote_anchors_answer_as_the_local_anchor_search(ray_session):
+    import pickle
+
+    from facegen.cluster.remote_index import RemoteAnchors
+    from facegen.engine.index.anchors import AnchorShards, max_other_above
+    from facegen.engine.phases import Identities
+
+    rng = np.random.default_rng(5)
+    anchors = rng.standard_normal((53, DIM)).astype(np.float32)
+    anchors /= np.linalg.norm(anchors, axis=1, keepdims=True)
+    anchors[40] = anchors[4]  # a tie across actors: the smaller label first
+    local, remote = AnchorShards(anchors, shard_rows=53), RemoteAnchors.start(anchors, 3, shard_rows=10,
+                                                                              max_restarts=0)
+    try:
+        assert len(remote.actors) == 3
+        q = np.concatenate([anchors[[4, 7]], rng.standard_normal((20, DIM)).astype(np.float32)])
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        for k in (1, 2, 8):
+            (got_sims, got_rows), (want_sims, want_rows) = remote.search(q, k), local.search(q, k)
+            assert np.array_equal(got_rows, want_rows)
+            np.testing.assert_allclose(got_sims, want_sims, rtol=0, atol=1e-6)
+        own = rng.integers(0, 53, len(q))
+        for tau in (0.3, 0.5):
+            assert np.array_equal(max_other_above(remote.search, local.vectors, q, tau, exclude=own)[1],
+                                  max_other_above(local.search, local.vectors, q, tau, exclude=own)[1])
+        # The identities table travels with its remote anchors; a local search stays behind.
+        table = Identities(np.arange(53), np.zeros((53, 0), np.float32), anchors, np.zeros(53, np.float32),
+                           np.full(53, "", object), anchor_search=remote)
+        assert isinstance(pickle.loads(pickle.dumps(table)).anchor_search, RemoteAnchors)
+        table.anchor_search = local
+        assert pickle.loads(pickle.dumps(table)).anchor_search is None
+    finally:
+        remote.shutdown()
