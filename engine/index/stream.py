@@ -194,24 +194,26 @@ def _parquet_blocks(path: str, storage_options: dict | None, block_rows: int) ->
 
 def build_index_from_blocks(blocks: Iterable[Block], out: Storage, *, expected_dim: int | None = None,
                            info_fields: Callable[[], dict] | dict | None = None,
-                           count_identities: Counter | None = None, **writer_options: Any) -> IndexInfo:
+                           count_identities: Counter | None = None, embedder_name: str = "the embedder",
+                           **writer_options: Any) -> IndexInfo:
     """Write every (embeddings, identities, files) block of a source through an `IndexWriter`: memory
     holds about one shard plus one block. `expected_dim`: the embedder's width, checked on every block.
     `info_fields` (or a function giving them once the source is read: what it skipped) go to index.json.
-    `count_identities` counts rows per identity as they pass (for the build's summary)."""
+    `count_identities` counts rows per identity as they pass (for the build's summary); `embedder_name`
+    names the embedder in a width mismatch."""
     blocks = iter(blocks)
     # The first block before the writer: a source that is unreadable or of the wrong width from its
     # start fails before an existing index is replaced (--overwrite removes it when writing starts).
     first = next(blocks, None)
     if first is not None and expected_dim is not None and first[0].shape[1] != expected_dim:
-        raise UserError(f"index build: the source holds {first[0].shape[1]}-d embeddings but the "
-                        f"embedder produces {expected_dim}-d")
+        raise UserError(f"index build: the source holds {first[0].shape[1]}-d embeddings but {embedder_name} "
+                        f"produces {expected_dim}-d")
     writer = IndexWriter(out, **writer_options)
     try:
         for embeddings, identities, files in itertools.chain([first] if first is not None else [], blocks):
             if expected_dim is not None and embeddings.shape[1] != expected_dim:
-                raise UserError(f"index build: the source holds {embeddings.shape[1]}-d embeddings but the "
-                                f"embedder produces {expected_dim}-d")
+                raise UserError(f"index build: the source holds {embeddings.shape[1]}-d embeddings but "
+                                f"{embedder_name} produces {expected_dim}-d")
             writer.add(embeddings, identities, files)
             if count_identities is not None:
                 count_identities.update(identities)

@@ -156,7 +156,8 @@ def run_build(args: argparse.Namespace) -> int:
     per_identity: Counter = Counter()
     info = build_index_from_blocks(
         blocks, out, expected_dim=embedder.dim if embedder else None, info_fields=info_fields,
-        count_identities=per_identity, shard_size=args.shard_size, drop_invalid=args.drop_invalid,
+        count_identities=per_identity, embedder_name=f"--embedder {args.embedder}", shard_size=args.shard_size,
+        drop_invalid=args.drop_invalid,
         overwrite=args.overwrite, row_dtype=args.row_dtype)
     print(f"wrote {args.out}: {info.count} embeddings of {info.num_identities} identities, dim {info.dim}, "
           f"{info.num_shards} shard(s)")
