@@ -293,7 +293,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         models = ", ".join(f"{role}: {how}" for role, how in origin.items())
         models += " (faces are noise and the embedder recognises nobody until trained demo models are installed)"
     proposal = {k: v for k, v in ids["proposal_verdicts"].items() if k != "ok"}
-    from facegen.engine.report import certificate_headline
+    privacy_rejected = ids["proposal_verdicts"].get("privacy", 0) + samples["rejected"].get("privacy", 0)
+    from facegen.engine.report import PHASES, certificate_headline
 
     return [
         f"facegen quickstart: done in {summary['seconds']:.0f} s; models: {models}",
@@ -303,12 +304,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"(rejected: {_counts(proposal)})",
         f"samples: {samples['written']} VIS/NIR pairs written from {samples['attempts']} candidates "
         f"(rejected: {_counts(samples['rejected'])})",
-        f"privacy: max real similarity {cert['max_real_similarity']:.4f} vs threshold {cert['threshold']:.4f} "
+        f"privacy: {privacy_rejected} candidates rejected as too close to an enrolled person "
+        f"({ids['proposal_verdicts'].get('privacy', 0)} anchors, {samples['rejected'].get('privacy', 0)} samples); "
+        f"max real similarity {cert['max_real_similarity']:.4f} vs threshold {cert['threshold']:.4f} "
         f"({cert.get('threshold_source', 'given')}); {cert['violations']} violations; "
         f"{certificate_headline(cert)[1].split(':')[0]}",
         f"throughput: {timing['samples_per_s']:.2f} samples/s, {timing['candidates_per_s']:.2f} candidates/s "
         f"over the {timing['total_seconds']:.0f} s job (" + ", ".join(
-            f"{name} {value:.0f} s" for name, value in timing["seconds"].items()) + ")",
+            f"{name} {timing['seconds'][name]:.0f} s" for name in PHASES) + ")",
         f"face recognition: trained {FR_SETTINGS['optim']['steps']} steps, held-out verification accuracy "
         f"{fr['trained_accuracy']:.3f} on {fr['pairs']} pairs (chance 0.5; the job's embedder: "
         f"{fr['embedder_accuracy']:.3f})",

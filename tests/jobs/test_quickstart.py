@@ -64,6 +64,9 @@ def test_summary_states_what_happened(first):
     assert (f"max real similarity {cert['max_real_similarity']:.4f} vs threshold {cert['threshold']:.4f}"
             in summary["privacy"])
     assert "0 violations; CERTIFIED (VIS and NIR)" in summary["privacy"]
+    rejected = (ids["proposal_verdicts"].get("privacy", 0), samples["rejected"].get("privacy", 0))
+    assert summary["privacy"].startswith(f"privacy: {sum(rejected)} candidates rejected as too close to an "
+                                         f"enrolled person ({rejected[0]} anchors, {rejected[1]} samples); ")
     assert summary["report"] == f"report: {folder}/dataset/report.html"
     fr = json.loads((folder / "fr" / "metrics.json").read_text())
     assert fr["pairs"] == 480 and fr["genuine"] == 240 and 0 <= fr["trained_accuracy"] <= 1
