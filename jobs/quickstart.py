@@ -18,6 +18,7 @@ the same folder does nothing new, and everything but wall-clock times is a pure 
 
 from __future__ import annotations
 
+import filecmp
 import json
 import shutil
 import time
@@ -129,9 +130,7 @@ def prepare_models(folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     shipped = shipped_models()
     paths = {role: folder / f"{role}.safetensors" for role in ROLES}
-    origin = {}
     for role, path in paths.items():
-        origin[role] = "trained demo model" if role in shipped else "seeded random weights"
         if path.exists():
             continue
         if role in shipped:
@@ -140,6 +139,10 @@ def prepare_models(folder: Path) -> dict[str, Any]:
             random_embedder(path)
         else:
             random_generator(path, load_embedder(paths["embedder"]).dim)
+    # What the folder holds, not what is installed now: an earlier run's models stay (its index and
+    # dataset were made with them).
+    origin = {role: "trained demo model" if role in shipped and filecmp.cmp(path, shipped[role], shallow=False)
+              else "seeded random weights" for role, path in paths.items()}
     return {"paths": paths, "origin": origin}
 
 

@@ -184,7 +184,7 @@ def test_shipped_demo_models_are_used_as_a_pair(monkeypatch, tmp_path):
     from facegen.jobs.quickstart import prepare_models, random_embedder, random_generator, shipped_models
 
     shipped = {"embedder": random_embedder(tmp_path / "E.safetensors"),
-               "generator": random_generator(tmp_path / "G.safetensors", 64)}
+               "generator": random_generator(tmp_path / "G.safetensors", 32)}  # not the fallback's bytes
     monkeypatch.setattr(demo, "demo_model_paths", lambda: {"embedder": shipped["embedder"]})
     assert shipped_models() == {}  # an embedder alone is not the generator's pair
     monkeypatch.setattr(demo, "demo_model_paths", lambda: {**shipped, "facts": tmp_path / "demo.json"})
@@ -193,3 +193,10 @@ def test_shipped_demo_models_are_used_as_a_pair(monkeypatch, tmp_path):
     assert models["origin"] == {"embedder": "trained demo model", "generator": "trained demo model"}
     for role, path in models["paths"].items():
         assert path.read_bytes() == shipped[role].read_bytes()
+    # A folder made before the demo models were installed keeps (and names) its random ones.
+    monkeypatch.setattr(demo, "demo_model_paths", lambda: {})
+    earlier = prepare_models(tmp_path / "earlier")["paths"]
+    monkeypatch.setattr(demo, "demo_model_paths", lambda: shipped)
+    again = prepare_models(tmp_path / "earlier")
+    assert again["origin"]["generator"] == "seeded random weights"
+    assert again["paths"] == earlier
