@@ -19,6 +19,7 @@ BENCHMARKS = {
     "suite": "every throughput and correctness figure in one time-boxed run (GPU: < 8 min)",
     "index": "privacy index build time/memory, size and query cost as rows grow",
     "loader": "FR loader images/s from shards vs an image folder of the same images",
+    "overlap": "phase 3 with shard writing overlapped vs inline, for a given device time per shard",
 }
 
 
