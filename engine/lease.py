@@ -149,11 +149,15 @@ class Lease:
             try:
                 fd = os.open(self.out.path(LEASE_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(mine.to_bytes())
-            # Readers may see the file empty for an instant: LeaseInfo.parse treats that as absent.
-            return True
+                time.sleep(SETTLE_SECONDS)  # a run that just created it has written it by now
+                if read_lease(self.out) is not None:
+                    return False
+                # still empty or garbled: left by a run that died between creating and writing it
+            else:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(mine.to_bytes())
+                # Readers may see the file empty for an instant: LeaseInfo.parse treats that as absent.
+                return True
         self.out.write_bytes(LEASE_FILE, mine.to_bytes())
         time.sleep(SETTLE_SECONDS)
         now = read_lease(self.out)

@@ -56,6 +56,15 @@ def test_an_expired_lease_is_taken_over_and_its_holder_can_no_longer_publish(tmp
     new.release()
 
 
+def test_an_empty_lease_file_left_by_a_crash_is_taken_over(tmp_path):
+    out = Storage(str(tmp_path / "out"))
+    out.makedirs()
+    (tmp_path / "out" / LEASE_FILE).write_bytes(b"")  # created, never written
+    lease = Lease(out, ttl=30).acquire()
+    assert read_lease(out).owner == lease.owner
+    lease.release()
+
+
 def test_waiting_for_a_live_lease_takes_it_when_the_holder_releases(tmp_path):
     out = Storage(str(tmp_path / "out"))
     first = Lease(out, ttl=30).acquire()
