@@ -150,8 +150,11 @@ def prepare_models(folder: Path) -> dict[str, Any]:
 def enrol_real_population(folder: Path, embedder_path: Path) -> dict[str, Any]:
     """Render the world population, enrol its VIS and NIR images and calibrate; skipped when the index
     exists. Returns the index's calibrated thresholds."""
-    from facegen.engine.index import PrivacyIndex, build_index, calibrate, embeddings_from_images
+    from facegen.engine.index import PrivacyIndex, calibrate
+    from facegen.engine.index.build import created_by
+    from facegen.engine.index.sources import image_stream
     from facegen.engine.index.store import read_info
+    from facegen.engine.index.stream import build_index_from_blocks
     from facegen.engine.storage import Storage
     from facegen.engine.world.dataset import render_dataset
     from facegen.models.loading import load_embedder
@@ -161,10 +164,13 @@ def enrol_real_population(folder: Path, embedder_path: Path) -> dict[str, Any]:
         with one_thread():
             render_dataset(folder / "world", REAL_IDENTITIES, REAL_SAMPLES, resolution=RESOLUTION, seed=REAL_SEED)
             embedder = load_embedder(embedder_path)
-            source = embeddings_from_images(str(folder / "world"), embedder, 64, include_nir=True)
-            build_index(source.embeddings, source.identities, source.files, index,
-                        embedder_fingerprint=embedder.fingerprint, preprocessing=embedder.preprocessing.to_dict(),
-                        embedder_weights=embedder.weights_fingerprint, source=source.description)
+            # As `facegen index build OUT --images world --embedder E` does: embedded batch by batch
+            # into the index writer.
+            stream = image_stream(str(folder / "world"), embedder, 64, include_nir=True)
+            build_index_from_blocks(stream.blocks(), index, expected_dim=embedder.dim, info_fields={
+                "embedder_fingerprint": embedder.fingerprint, "preprocessing": embedder.preprocessing.to_dict(),
+                "embedder_weights": embedder.weights_fingerprint, "source": stream.description,
+                "created_by": created_by()})
             calibrate(PrivacyIndex.open(index, backend="numpy"), CALIBRATION_FMRS)
     info = read_info(index)
     return {"rows": info.count, "identities": info.num_identities, "thresholds": info.thresholds}
