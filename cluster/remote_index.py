@@ -98,7 +98,7 @@ class RemoteAnchors:
     def start(cls, anchors: np.ndarray, num_actors: int, *, shard_rows: int | None = None, max_restarts: int = 3,
               options: dict | None = None) -> RemoteAnchors:
         """In-memory shards of `anchors` (pickled with their rows) placed into at most `num_actors` actors."""
-        shards = anchor_shards(anchors, shard_rows)
+        shards = anchor_shards(anchors, shard_rows)  # faiss there: it copies the rows Ray hands over read-only
         actors, _ = start_shard_actors(shards, anchors.shape[1], num_actors, max_restarts=max_restarts,
                                        options=options)
         return cls(actors, len(anchors))

@@ -26,6 +26,11 @@ import numpy as np
 from facegen.engine.index.search import IndexShard, reduce_topk
 
 SHARD_ROWS = 1 << 18  # anchors per shard: 512 MiB of 512-d rows
+# Anchors are searched by blocked torch products (the privacy index's `torch` backend) on the CPU and
+# on GPUs: on a CPU it reads the anchor table in place (faiss would hold a second copy in every
+# generator actor). Exactness does not depend on the choice (float64 near the threshold);
+# `facegen bench separability --backend faiss|torch` compares their speed on a machine.
+BACKEND = "torch"
 FIRST_K = 8  # neighbours fetched for a query near the threshold before a wider search
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -131,7 +136,7 @@ class AnchorIndex:
     `add` (selection accepts identities block by block). The open (last) shard is searched as a plain
     array until it is full, then sealed into the backend's index."""
 
-    def __init__(self, dim: int, *, backend: str = "auto", device: str = "cpu", shard_rows: int | None = None):
+    def __init__(self, dim: int, *, backend: str = BACKEND, device: str = "cpu", shard_rows: int | None = None):
         self.dim, self.backend, self.device, self.shard_rows = dim, backend, str(device), shard_rows or SHARD_ROWS
         self.sealed: list[IndexShard] = []
         # The open shard's buffer is allocated whole: pages are only resident as rows arrive.
@@ -172,9 +177,8 @@ class AnchorIndex:
     def shards(self) -> list[IndexShard]:
         shards = list(self.sealed)
         if self._fill:
-            if self._open_shard is None:  # searched in place (a view): no index copy of a shard that grows
-                self._open_shard = self._shard(self._open[: self._fill], len(self.sealed) * self.shard_rows,
-                                               "torch" if self.device.startswith("cuda") else "numpy")
+            if self._open_shard is None:  # a view searched in place (on a GPU: copied once per growth)
+                self._open_shard = self._shard(self._open[: self._fill], len(self.sealed) * self.shard_rows, "torch")
             shards.append(self._open_shard)
         return shards
 
@@ -210,12 +214,12 @@ def anchor_shards(anchors: np.ndarray, shard_rows: int | None = None, **options:
 
 class AnchorShards:
     """A fixed anchor table (an `Identities`' anchors, row = label) in `IndexShard`s of SHARD_ROWS
-    rows each: expansion's separability search in one process. The shards are views of the table;
-    the backend's index (faiss, or the torch copy on a GPU) is built on first search."""
+    rows each: expansion's separability search in one process. The shards are views of the table
+    (torch on the CPU searches them in place; faiss or a GPU hold a copy), built on first search."""
 
-    def __init__(self, anchors: np.ndarray, *, backend: str = "auto", device: str = "cpu",
+    def __init__(self, anchors: np.ndarray, *, backend: str = BACKEND, device: str = "cpu",
                  shard_rows: int | None = None):
-        if str(device).startswith("cuda") and not anchors.flags.writeable:
+        if backend != "faiss" and not anchors.flags.writeable:
             anchors = anchors.copy()  # torch refuses to wrap a read-only array (Ray's object store)
         self.anchors = anchors
         self.shards = anchor_shards(anchors, shard_rows, backend=backend, device=str(device))

@@ -18,6 +18,8 @@ BENCHMARKS = {
     "scaling": "candidates/s with 1 vs N generator actors on Ray (scaling efficiency)",
     "suite": "every throughput and correctness figure in one time-boxed run (GPU: < 8 min)",
     "index": "privacy index build time/memory, size and query cost as rows grow",
+    "separability": "selection and expansion separability time/memory as accepted identities grow",
+    "samples": "samples/s and memory of a whole job as samples per identity and total samples grow",
     "loader": "FR loader images/s from shards vs an image folder of the same images",
     "overlap": "phase 3 with shard writing overlapped vs inline, for a given device time per shard",
 }
