@@ -35,6 +35,7 @@ WORLDS = {
     "world-test": {"seed": 2, "identities": 200, "samples": 4, "resolution": 64},
 }
 PAIRS = 2000  # genuine and as many impostor pairs per evaluation
+PROBE = {"identities": 12, "samples": 2}  # what the test suite regenerates and compares
 STAGES = ("world", "embedder", "evaluate", "features", "generator", "measure")
 
 
@@ -84,11 +85,14 @@ def stage_evaluate(out: Path, log: list[dict]) -> dict:
         common = ["--model", str(out / "embedder.safetensors"), "--genuine", str(PAIRS), "--impostor", str(PAIRS),
                   "--mode", mode, "--seed", "0"]
         calibration = out / "eval" / f"calibration-{mode}"
-        facegen("eval-fr", "--dataset", str(out / "world-calibration"), *common, "--out", str(calibration), log=log)
+        if not (calibration / "metrics.json").exists():
+            facegen("eval-fr", "--dataset", str(out / "world-calibration"), *common, "--out", str(calibration),
+                    log=log)
         threshold = json.loads((calibration / "metrics.json").read_text())["best_threshold"]
         test = out / "eval" / f"test-{mode}"
-        facegen("eval-fr", "--dataset", str(out / "world-test"), *common, "--threshold", repr(threshold),
-                "--out", str(test), log=log)
+        if not (test / "metrics.json").exists():
+            facegen("eval-fr", "--dataset", str(out / "world-test"), *common, "--threshold", repr(threshold),
+                    "--out", str(test), log=log)
         metrics = json.loads((test / "metrics.json").read_text())
         results[mode] = {"threshold": threshold, "accuracy": metrics["at_threshold"]["accuracy"],
                          "far": metrics["at_threshold"]["far"], "frr": metrics["at_threshold"]["frr"],
@@ -111,7 +115,8 @@ def stage_generator(out: Path, log: list[dict]) -> None:
         facegen("train", str(GENERATOR_YAML), "--set", f"data.uri={out / 'world-train'}", "--set",
                 f"output.dir={out / 'runs'}", log=log)
         run = run_dir(out, "demo-generator")
-    snapshot = sorted(run.glob("network-snapshot-*"))[-1]
+    # the last complete snapshot (state.pt is written last); a run with `config.kimg: K` ends with K's
+    snapshot = sorted(p.parent for p in run.glob("network-snapshot-*/state.pt"))[-1]
     shutil.copyfile(snapshot / "G_ema.safetensors", out / "generator.safetensors")
     facegen("preview", str(out / "generator.safetensors"), "--condition",
             str(out / "world-test" / "identity_features.json"), "--rows", "6", "--seeds", "0-5",
@@ -119,9 +124,16 @@ def stage_generator(out: Path, log: list[dict]) -> None:
 
 
 def stage_measure(out: Path) -> dict:
+    """The figures on 50 held-out identities x 4 samples, and the same on the small probe the test
+    suite recomputes (tests/models/test_demo_models.py)."""
     generator = out / "generator.safetensors"
-    return measure_models(out / "embedder.safetensors", generator if generator.exists() else None,
-                          WORLDS["world-test"])
+    embedder = out / "embedder.safetensors"
+    if not generator.exists():
+        return measure_models(embedder, None, WORLDS["world-test"])
+    facts = measure_models(embedder, generator, WORLDS["world-test"])
+    probe = measure_models(embedder, generator, WORLDS["world-test"], **PROBE, detect=False)["generator"]
+    facts["generator"]["probe"] = {**probe, **PROBE}
+    return facts
 
 
 def yunet_detector():
@@ -137,7 +149,7 @@ def yunet_detector():
 
 
 def measure_models(embedder_path: Path, generator_path: Path | None, world: dict, identities: int = 50,
-                   samples: int = 4) -> dict:
+                   samples: int = 4, detect: bool = True) -> dict:
     """The figures of docs/demo-models.md, on held-out world identities (the test population)."""
     import numpy as np
     from PIL import Image
@@ -171,19 +183,21 @@ def measure_models(embedder_path: Path, generator_path: Path | None, world: dict
         "nir_alignment": measure.nir_alignment(fake_vis, fake_nir),
         "nir_alignment_world": measure.nir_alignment(small, small_nir),
     }
-    detect = yunet_detector()
-    if detect is not None:
-        generated["face_detection_rate"] = measure.face_detection_rate(fake_vis, detect)
-        generated["face_detection_rate_world"] = measure.face_detection_rate(small, detect)
+    detector = yunet_detector() if detect else None
+    if detector is not None:
+        generated["face_detection_rate"] = measure.face_detection_rate(fake_vis, detector)
+        generated["face_detection_rate_world"] = measure.face_detection_rate(small, detector)
     facts["generator"] = generated
     return facts
 
 
-def write_facts(out: Path, facts: dict) -> None:
+def write_facts(out: Path, facts: dict, log: list[dict]) -> None:
+    """Merge into DIR/demo.json (a stage run later adds to what earlier stages recorded)."""
     path = out / "demo.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     for key, value in facts.items():
         old[key] = {**old.get(key, {}), **value} if isinstance(value, dict) else value
+    old["commands"] = old.get("commands", []) + log
     path.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
 
 
@@ -222,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     if "generator" in stages:
         stage_generator(out, log)
     if "measure" in stages:
-        facts.update(stage_measure(out))
+        for key, value in stage_measure(out).items():
+            facts[key] = {**facts.get(key, {}), **value}
     for role in ("embedder", "generator"):
         path = out / f"{role}.safetensors"
         if path.exists():
             facts.setdefault(role, {})["sha256"] = sha256(path)
-    facts["commands"] = log
-    write_facts(out, facts)
+    write_facts(out, facts, log)
     if args.install:
         install(out)
     return 0

@@ -51,6 +51,10 @@ def test_wheel_installs_one_top_level_package_and_ignores_user_packages(tmp_path
              "from facegen.engine.storage import Storage;"
              "assert models.WHO == 'user models' and engine.WHO == 'user engine', (models.WHO, engine.WHO);"
              "assert 'site-packages' in facegen.engine.__path__[0], facegen.engine.__path__;"
+             "from facegen.models.demo import demo_model_paths;"
+             "shipped = demo_model_paths();"
+             "assert {'embedder', 'facts'} <= set(shipped), shipped;"
+             "assert all('site-packages' in str(p) and p.stat().st_size for p in shipped.values()), shipped;"
              "print('ok')")
     run = subprocess.run([str(python), "-c", probe], cwd=user, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
