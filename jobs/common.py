@@ -112,6 +112,17 @@ def comma_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    """A bench size list (`100,1e3,10000`) as positive integers; one clear error naming `flag` otherwise."""
+    try:
+        values = tuple(int(float(v)) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not a comma list of integers") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag}: {text!r} must list positive integers")
+    return values
+
+
 def unit_widths(text: str) -> tuple[int, ...]:
     """argparse type: swap-unit widths, comma-separated channel counts or 'layer' (= 0, a whole layer)."""
     try:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from facegen.jobs.common import positive_ints
 from facegen.models.errors import UserError
 
 
@@ -34,19 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(float(v)) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: {text!r} is not a comma list of integers") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag}: {text!r} must list positive integers")
-    return values
-
-
 def run(args: argparse.Namespace) -> int:
-    identities = _ints(args.identities, "--identities")
-    per_identity = _ints(args.samples_per_identity, "--samples-per-identity")
+    identities = positive_ints(args.identities, "--identities")
+    per_identity = positive_ints(args.samples_per_identity, "--samples-per-identity")
     if args.device.startswith("cuda"):
         import torch
 

@@ -51,6 +51,7 @@ import torch
 
 from facegen.jobs.benchmarks.roofline import count_flops, device_peak, share
 from facegen.jobs.benchmarks.suite_report import format_markdown
+from facegen.jobs.common import positive_ints
 from facegen.models.errors import UserError
 
 SECTIONS = ("environment", "correctness", "generator", "embedder", "evaluate", "privacy", "png", "end_to_end",
@@ -157,22 +158,12 @@ def _device(name: str | None) -> torch.device:
     return resolve_device(name or "auto", what="--device")
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(float(v)) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{flag}: {text!r} is not a comma list of integers") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag}: values must be positive")
-    return values
-
-
 def _plan(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL
     if args.batches:
-        plan = replace(plan, batches=_ints(args.batches, "--batches"))
+        plan = replace(plan, batches=positive_ints(args.batches, "--batches"))
     if args.privacy_sizes:
-        plan = replace(plan, privacy_sizes=_ints(args.privacy_sizes, "--privacy-sizes"))
+        plan = replace(plan, privacy_sizes=positive_ints(args.privacy_sizes, "--privacy-sizes"))
     return plan
 
 
