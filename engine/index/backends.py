@@ -60,6 +60,25 @@ def merge_topk(sims: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, 
     return np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
 
 
+def _smallest_rows_on_ties(sims: np.ndarray, val: np.ndarray, idx: np.ndarray,
+                           only: np.ndarray | None = None) -> None:
+    """A block's top-k picks arbitrarily among rows equal to its k-th similarity, so two shardings could
+    name different rows; for the queries with such a tie, choose by (similarity desc, row asc) — the
+    order `merge_topk` keeps across blocks. `sims` holds the rows of the queries `only` selects (all
+    when None); `val` and `idx` are corrected in place."""
+    kk = idx.shape[1]
+    if only is None:
+        only = (sims >= val[:, -1:]).sum(1) > kk
+        sims = sims[only]
+    queries = np.flatnonzero(only)
+    if not len(queries):
+        return
+    rows = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+    order = np.lexsort((rows, -sims), axis=-1)[:, :kk]
+    idx[queries] = order
+    val[queries] = np.take_along_axis(sims, order, 1)
+
+
 class NumpyBackend:
     def __init__(self, vectors: np.ndarray):
         self.vectors = vectors
@@ -85,6 +104,7 @@ class NumpyBackend:
         for start, sims in self._blocks(queries):
             kk = min(k, sims.shape[1])
             idx = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+            _smallest_rows_on_ties(sims, np.take_along_axis(sims, idx, 1), idx)
             cand_sims = np.concatenate([kept_sims, np.take_along_axis(sims, idx, 1)], axis=1)
             cand_rows = np.concatenate([kept_rows, idx + start], axis=1)
             kept_sims, kept_rows = merge_topk(cand_sims, cand_rows, k)
@@ -141,8 +161,13 @@ class TorchBackend:
         with torch.inference_mode():
             for start, sims in self._blocks(queries):
                 val, idx = sims.topk(min(k, sims.shape[1]), dim=1)
-                cand_sims = np.concatenate([kept_sims, val.cpu().numpy()], axis=1)
-                cand_rows = np.concatenate([kept_rows, idx.cpu().numpy() + start], axis=1)
+                val, idx = val.cpu().numpy(), idx.cpu().numpy()
+                tied = ((sims >= sims.new_tensor(val[:, -1:])).sum(1) > idx.shape[1]).cpu().numpy()
+                if tied.any():  # rare (equal rows): bring only those queries' similarities to the host
+                    _smallest_rows_on_ties(sims[torch.from_numpy(tied).to(sims.device)].cpu().numpy(),
+                                           val, idx, only=tied)
+                cand_sims = np.concatenate([kept_sims, val], axis=1)
+                cand_rows = np.concatenate([kept_rows, idx + start], axis=1)
                 kept_sims, kept_rows = merge_topk(cand_sims, cand_rows, k)
         return _pad_topk(kept_sims, kept_rows, k)
 
