@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from facegen.engine.index import DEFAULT_COMPAT_THRESHOLDS, IndexShard, faiss_has_gpu, reduce_max
+from facegen.jobs.benchmarks import write_record
 from facegen.models.devices import resolve_device
 from facegen.models.errors import UserError
 
@@ -219,8 +219,7 @@ def run(args: argparse.Namespace) -> int:
               "data": args.data,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_record(args.json, report)
     return 0
 
 

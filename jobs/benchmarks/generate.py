@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from facegen.engine.seeding import Stream, draw_keys, normal
 from facegen.engine.spec import build_spec
 from facegen.engine.storage import Storage
 from facegen.engine.transfer import compile_networks
+from facegen.jobs.benchmarks import write_record
 from facegen.models.embedder import Preprocessing, TorchEmbedder
 from facegen.models.generator import Generator, GeneratorConfig, images_to_uint8
 from facegen.models.iresnet import IResNet, IResNetConfig
@@ -81,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{size:>9} {ours:>15.2f} {loop:>12.3f} {row['speedup']:>8.1f}x")
     record = {"benchmark": "generate", "resolution": args.resolution, "embedder_depth": args.embedder_depth,
               "batch": args.batch, "threads": torch.get_num_threads(), "compile": args.compile, "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.json, record)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import re
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facegen.jobs.benchmarks import mib, write_record
 from facegen.models.errors import UserError
 
 
@@ -172,17 +172,11 @@ def run(args: argparse.Namespace) -> int:
             for dtype in dtypes:
                 r = measure(table, folder / "index", rows, dtype, queries, args)
                 results.append(r)
-                print(f"{rows:>10,} {dtype:>8} {r['build_seconds']:>8.1f} {_mb(r['build_peak_growth_bytes']):>11} "
-                      f"{_mb(r['shard_bytes']):>8} {_mb(r['storage_bytes']):>11} "
-                      f"{_mb(r['open_peak_growth_bytes']):>10} {r['query_us_per_candidate']:>14.1f}", flush=True)
+                print(f"{rows:>10,} {dtype:>8} {r['build_seconds']:>8.1f} {mib(r['build_peak_growth_bytes'], 0):>11} "
+                      f"{mib(r['shard_bytes'], 0):>8} {mib(r['storage_bytes'], 0):>11} "
+                      f"{mib(r['open_peak_growth_bytes'], 0):>10} {r['query_us_per_candidate']:>14.1f}", flush=True)
             table.unlink()
     record = {"benchmark": "index", "dim": args.dim, "shards": args.shards, "queries": args.queries,
               "device": args.device, "results": results}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.json, record)
     return 0
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB"

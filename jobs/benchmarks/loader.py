@@ -11,7 +11,6 @@ Each figure is one full epoch, worker start-up included. Also reported: distinct
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -28,6 +27,7 @@ from facegen.engine.export.source import encoded_samples
 from facegen.engine.frdata import FRDataset, fr_loader, identity_counts
 from facegen.engine.frdata.images import FRTransform
 from facegen.engine.storage import Storage
+from facegen.jobs.benchmarks import write_record
 
 
 class FolderDataset(Dataset):
@@ -115,6 +115,5 @@ def run(args: argparse.Namespace) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {"images": len(folder_ds), "batch": args.batch, "image_size": args.image_size, "load_1min": load,
               "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    write_record(args.json, result)
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from facegen.jobs.benchmarks import write_record
 from facegen.models.devices import resolve_device
 from facegen.models.embedder import Preprocessing, TorchEmbedder
 from facegen.models.errors import UserError
@@ -78,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = _results(args, device, generator, embedder, max_abs_diff, seconds)
     print(format_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.json, results)
     return 0
 
 

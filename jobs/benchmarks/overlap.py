@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from facegen.engine.job import PreparedShard, publish_shard
 from facegen.engine.pipeline import ShardPipeline
 from facegen.engine.spec import build_spec
 from facegen.engine.storage import Storage
+from facegen.jobs.benchmarks import write_record
 from facegen.models.errors import UserError
 
 
@@ -109,6 +109,5 @@ def run(args: argparse.Namespace) -> int:
     for name, r in (("inline", rows[False]), ("overlapped", rows[True])):
         print(f"{name:<11} {r['wall_s']:>7.2f} {r['compute_s']:>9.2f} {r['write_s']:>8.2f} {r['wait_s']:>7.2f}")
     print(f"overlapped vs inline: {record['speedup']:.2f}x; shards {'identical' if identical else 'DIFFERENT'}")
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.json, record)
     return 0 if identical else 1

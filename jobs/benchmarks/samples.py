@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from facegen.jobs.benchmarks import write_record
 from facegen.jobs.common import positive_ints
 from facegen.models.errors import UserError
 
@@ -75,7 +76,5 @@ def run(args: argparse.Namespace) -> int:
                       f"{record['candidates_per_s']:>13.2f} {memory.growth / 2**20:>8,.0f} MiB", flush=True)
     record = {"benchmark": "samples", "job": f"demo (population {args.population})", "batch_size": args.batch_size,
               "device": args.device, "results": results}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.json, record)
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facegen.jobs.benchmarks import write_record
 from facegen.models.errors import UserError
 
 
@@ -161,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
               "exceeds its CPUs: other processes took part of them, so the figures understate scaling")
     report = {"benchmark": "scaling", "job": args.job or "demo", "slots": args.slots, "cluster": resources,
               "machine": platform.processor() or platform.machine(), "load_average": load, "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_record(args.json, report)
     return 0 if all(r["identical_to_baseline"] for r in results) else 1
 
 

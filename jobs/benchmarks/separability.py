@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from facegen.jobs.benchmarks import mib, write_record
 from facegen.models.errors import UserError
 
 
@@ -196,29 +196,23 @@ def run(args: argparse.Namespace) -> int:
                 raise RuntimeError(f"{n} identities: the anchor search decided otherwise than the dense product")
         results.append(record)
         print(f"{n:>10,} {record['select_seconds']:>9.2f} {_opt(record, 'dense_select_seconds', '{:.2f}'):>8} "
-              f"{_mb(record['select_peak_growth_bytes']):>12} {_opt_mb(record, 'dense_select_peak_growth_bytes'):>11} "
+              f"{mib(record['select_peak_growth_bytes']):>12} {_opt_mib(record, 'dense_select_peak_growth_bytes'):>11} "
               f"{record['expand_us_per_candidate']:>15.1f} "
               f"{_opt(record, 'dense_expand_us_per_candidate', '{:.1f}'):>14} "
-              f"{_mb(record['expand_peak_growth_bytes']):>12} {_opt_mb(record, 'dense_expand_peak_growth_bytes'):>11}",
+              f"{mib(record['expand_peak_growth_bytes']):>12} {_opt_mib(record, 'dense_expand_peak_growth_bytes'):>11}",
               flush=True)
     from facegen.engine.index.anchors import BACKEND
 
     out = {"benchmark": "separability", "backend": args.backend or BACKEND, "dim": args.dim, "block": args.block,
            "candidates": args.candidates,
            "threshold": args.threshold, "device": args.device, "results": results}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_record(args.json, out)
     return 0
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 def _opt(record: dict, key: str, fmt: str) -> str:
     return fmt.format(record[key]) if key in record else "-"
 
 
-def _opt_mb(record: dict, key: str) -> str:
-    return _mb(record[key]) if key in record else "-"
+def _opt_mib(record: dict, key: str) -> str:
+    return mib(record[key]) if key in record else "-"

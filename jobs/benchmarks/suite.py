@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from facegen.jobs.benchmarks import write_record
 from facegen.jobs.benchmarks.roofline import count_flops, device_peak, share
 from facegen.jobs.benchmarks.suite_report import format_markdown
 from facegen.jobs.common import positive_ints
@@ -140,9 +141,7 @@ def run(args: argparse.Namespace) -> int:
     record["seconds"] = round(time.perf_counter() - started, 3)
     text = format_markdown(record)
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_record(args.json, record)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(text + "\n")

@@ -32,6 +32,7 @@ from facegen.engine.storage import Storage
 from facegen.engine.training.context import TrainContext
 from facegen.engine.training.loop import Trainer
 from facegen.engine.training.spec import build_train_spec
+from facegen.jobs.benchmarks import write_record
 from facegen.models.devices import resolve_device
 from facegen.models.errors import UserError
 
@@ -151,8 +152,7 @@ def _tree(args: argparse.Namespace, workdir: str, data_uri: str, workers: int) -
 def run(args: argparse.Namespace) -> int:
     results = run_train_bench(args)
     print(format_results(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.json, results)
     return 0
 
 
