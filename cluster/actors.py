@@ -2,7 +2,7 @@
 
 A `GeneratorWorker` holds one loaded `Bundle` (generator, embedder, and a replica of the privacy index
 or a `RemoteIndex` over index-shard actors) and runs the engine's own units: `engine.phases.propose`
-for a block of identity slots and `engine.job.run_shard` for one shard (tar, manifest, marker are
+for a block of identity slots and `engine.job.prepare_shard` + `publish_shard` for one shard (tar, manifest, marker are
 written by the engine). `GeneratorPool` owns the actors, replaces one that died (node lost, process
 killed) and says which failures are infrastructure (retry) and which are the job's own (stop).
 """

@@ -15,8 +15,8 @@ differently):
 5. `engine.summary.finalize` on the driver merges the markers into the report.
 
 Every candidate is a pure function of (seed, slot, attempt) and a shard is written by the engine's
-`run_shard`, so the output is byte-identical to the local executor's whatever the actors' placement,
-count, failures or retries.
+`prepare_shard` + `publish_shard`, so the output is byte-identical to the local executor's whatever
+the actors' placement, count, failures or retries.
 """
 
 from __future__ import annotations

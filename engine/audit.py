@@ -52,7 +52,7 @@ class AuditResult:
         return ~(self.max_sim <= self.threshold)  # NaN counts as a violation
 
     def summary(self) -> dict:
-        sims = self.max_sim
+        sims, violating = self.max_sim, self.violating
         worst = int(np.nanargmax(sims)) if len(sims) and np.isfinite(sims).any() else None
         audited = ["VIS"] + (["NIR"] if self.nir_sim is not None else [])
         return {
@@ -60,8 +60,8 @@ class AuditResult:
             "threshold": self.threshold,
             "max_similarity": float(sims[worst]) if worst is not None else None,
             "worst_key": self.keys[worst] if worst is not None else None,
-            "violations": int(self.violating.sum()),
-            "violating_keys": [k for k, bad in zip(self.keys, self.violating) if bad][:100],
+            "violations": int(violating.sum()),
+            "violating_keys": [self.keys[i] for i in np.flatnonzero(violating)[:100]],
             "audited": audited,
             "audited_nir": self.nir_sim is not None,
             "nir_present": self.nir_present,

@@ -3,9 +3,9 @@
 `open_job` (output checked, models and index loaded and checked, thresholds resolved, then the spec
 written), `enrol_compat_index` (the original's identity_features.json enrolled once into the
 dataset), `load_bundle` (models + index, every compatibility check before any work),
-`select_identities` (phases 1+2 from proposal blocks, persisted), `run_shard` (phase 3 for one
-shard: expand, then write shard -> manifest -> marker) and `pending_shards` (what a run or a resume
-still has to write). `engine.local` runs them in this process; `cluster.executor` on Ray actors.
+`select_identities` (phases 1+2 from proposal blocks, persisted), `prepare_shard` + `publish_shard`
+(phase 3 for one shard: expand, then write shard -> manifest -> marker) and `pending_shards` (what a
+run or a resume still has to write). `engine.local` runs them in this process; `cluster.executor` on Ray actors.
 """
 
 from __future__ import annotations
@@ -355,12 +355,6 @@ def publish_shard(output: Any, out: Storage, prepared: PreparedShard,
     result = shard_writer(output).write(out, prepared.shard_id, batch, stats=prepared.stats,
                                         workers=workers or torch.get_num_threads(), guard=guard)
     return result.marker
-
-
-def run_shard(bundle: Bundle, identities: Identities, out: Storage, shard_id: int,
-              guard: Callable[[], None] | None = None) -> dict:
-    """Phase 3 for one shard, computed then written; returns its marker."""
-    return publish_shard(bundle.spec.output, out, prepare_shard(bundle, identities, shard_id), guard)
 
 
 def certificate(spec: JobSpec, embedder: Any, index: Any, *, nir_written: bool) -> dict:

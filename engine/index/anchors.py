@@ -144,12 +144,6 @@ class AnchorIndex:
         self._fill = 0
         self._open_shard: IndexShard | None = None
 
-    @classmethod
-    def of(cls, anchors: np.ndarray, **options: Any) -> AnchorIndex:
-        index = cls(anchors.shape[1], **options)
-        index.add(anchors)
-        return index
-
     def __getstate__(self) -> dict:
         raise TypeError("AnchorIndex lives in one process; ship the anchors (or RemoteAnchors) instead")
 

@@ -160,12 +160,12 @@ class TorchBackend:
         kept_sims, kept_rows = np.empty((n, 0), np.float32), np.empty((n, 0), np.int64)
         with torch.inference_mode():
             for start, sims in self._blocks(queries):
-                val, idx = sims.topk(min(k, sims.shape[1]), dim=1)
-                val, idx = val.cpu().numpy(), idx.cpu().numpy()
-                tied = ((sims >= sims.new_tensor(val[:, -1:])).sum(1) > idx.shape[1]).cpu().numpy()
-                if tied.any():  # rare (equal rows): bring only those queries' similarities to the host
-                    _smallest_rows_on_ties(sims[torch.from_numpy(tied).to(sims.device)].cpu().numpy(),
-                                           val, idx, only=tied)
+                kk = min(k, sims.shape[1])
+                val, idx = sims.topk(kk, dim=1)
+                tied = (sims >= val[:, -1:]).sum(1) > kk  # decided on the device, copied once with the rest
+                val, idx, tied_rows = val.cpu().numpy(), idx.cpu().numpy(), tied.cpu().numpy()
+                if tied_rows.any():  # rare (equal rows): only those queries' similarities come to the host
+                    _smallest_rows_on_ties(sims[tied].cpu().numpy(), val, idx, only=tied_rows)
                 cand_sims = np.concatenate([kept_sims, val], axis=1)
                 cand_rows = np.concatenate([kept_rows, idx + start], axis=1)
                 kept_sims, kept_rows = merge_topk(cand_sims, cand_rows, k)

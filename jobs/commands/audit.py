@@ -87,10 +87,7 @@ def _planned_shards(dataset, spec) -> int | None:
 def _threshold(args, spec, index, anonymisation: dict | None = None) -> tuple[float, str]:
     from facegen.engine.index.compat import calibrated_threshold
 
-    if args.threshold is not None:
-        if not 0.0 < args.threshold < 1.0:
-            raise UserError(f"--threshold {args.threshold}: must be in (0, 1); cosine similarities above 1 do not "
-                            "exist, so such a threshold would pass everything")
+    if args.threshold is not None:  # its range is checked before any work
         return args.threshold, "given (--threshold)"
     if spec is not None and spec.privacy.threshold != "auto":
         calibration = spec.privacy.calibration
