@@ -113,7 +113,8 @@ def stage_generator(out: Path, log: list[dict]) -> None:
     run = run_dir(out, "demo-generator")
     if run is None:
         facegen("train", str(GENERATOR_YAML), "--set", f"data.uri={out / 'world-train'}", "--set",
-                f"output.dir={out / 'runs'}", log=log)
+                f"output.dir={out / 'runs'}", "--set", f"loss.identity_embedder={out / 'embedder.safetensors'}",
+                log=log)
         run = run_dir(out, "demo-generator")
     # the last complete snapshot (state.pt is written last); a run with `config.kimg: K` ends with K's
     snapshot = sorted(p.parent for p in run.glob("network-snapshot-*/state.pt"))[-1]

@@ -2,8 +2,9 @@
 
 For each unit u (one channel, a group of channels or a whole layer of a space) and each of M seeded
 source/target face pairs, the source code gets u's coordinates from the target, is rendered and
-compared with the source image (`metric`). The unit's score is mean identity change over mean
-appearance change (+ epsilon). StyleID publishes such ranks but not the code that computes them.
+compared with the source image (`metric`). The unit's ratio is mean identity change over mean
+appearance change (+ epsilon); its score ranks units within the metric's appearance cap first
+(`Metric.score`). StyleID publishes such ranks but not the code that computes them.
 
 Work is cut into fixed tasks — (space, unit width, a block of `pairs_per_task` pairs) — and every
 task renders its (pair, unit) swaps in batches of `batch_size`. A task's numbers depend only on the
@@ -60,6 +61,8 @@ class RankJob:
             raise UserError(f"disentangle: truncation_psi must be in (0, 1], got {self.truncation_psi}")
         if self.metric.lowpass_size < 1 or self.metric.epsilon <= 0:
             raise UserError("disentangle: lowpass_size must be >= 1 and epsilon > 0")
+        if not 0 < self.metric.appearance_cap <= 1:
+            raise UserError(f"disentangle: appearance_cap must be in (0, 1], got {self.metric.appearance_cap}")
 
     def tasks(self) -> list[Task]:
         starts = range(0, self.pairs, self.pairs_per_task)
@@ -149,12 +152,12 @@ def rank(space: LatentSpaces, embedder: FaceEmbedder, job: RankJob, run_tasks: R
             ids = np.concatenate([p[0] for p in parts]).astype(np.float64)
             looks = np.concatenate([p[1] for p in parts]).astype(np.float64)
             ids, looks = ids.mean(axis=0), looks.mean(axis=0)
-            tables.append(_table(space, space_name, width, ids, looks, job.metric.score(ids, looks)))
+            tables.append(_table(space, space_name, width, ids, looks, job.metric.score(ids, looks), job.metric))
     return _with_metadata(pa.concat_tables(tables), space, embedder, job)
 
 
-def _table(space: LatentSpaces, name: str, width: int, ids: np.ndarray, looks: np.ndarray, score: np.ndarray
-           ) -> pa.Table:
+def _table(space: LatentSpaces, name: str, width: int, ids: np.ndarray, looks: np.ndarray, score: np.ndarray,
+           metric: Metric | None = None) -> pa.Table:
     units = units_of(space, name, width)
     layout = space.layout(name)
     return pa.table({
@@ -166,6 +169,7 @@ def _table(space: LatentSpaces, name: str, width: int, ids: np.ndarray, looks: n
         "width": pa.array(units[:, 2]),
         "identity_change": pa.array(ids),
         "appearance_change": pa.array(looks),
+        "ratio": pa.array(metric.ratio(ids, looks) if metric is not None else np.full(len(units), np.nan)),
         "score": pa.array(score),
         "rank": pa.array(_ranks_of(score)),
     })

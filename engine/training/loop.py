@@ -41,7 +41,30 @@ def loss_config(spec: TrainSpec, hp: Hyperparams) -> LossConfig:
         r1_gamma=hp.gamma, r1_gamma_nir=hp.gamma_nir, nir_r1=ls.nir_r1, nir_loss_weight=ls.nir_loss_weight,
         pl_weight=ls.pl_weight if hp.path_length else 0.0, pl_batch_shrink=ls.pl_batch_shrink,
         pl_decay=ls.pl_decay, style_mixing_prob=ls.style_mixing_prob if hp.style_mixing else 0.0,
-        original=spec.compat == "original")
+        original=spec.compat == "original",
+        identity_weight=ls.identity_weight if ls.identity_embedder else 0.0,
+        identity_nir_weight=ls.identity_nir_weight if ls.identity_embedder else 0.0)
+
+
+def identity_embedder(spec: TrainSpec, c_dim: int, device: torch.device):
+    """The frozen, differentiable embedder of the identity loss (None when the spec has none)."""
+    path = spec.loss.identity_embedder
+    if path is None:
+        return None
+    from facegen.models.embedder import TorchEmbedder
+    from facegen.models.errors import UserError
+    from facegen.models.loading import load_embedder
+
+    embedder = load_embedder(path)
+    if not isinstance(embedder, TorchEmbedder):
+        raise UserError(f"loss.identity_embedder {path}: the identity loss back-propagates through the embedder, "
+                        "so it must be a torch model (native .safetensors or insightface .pth), not ONNX")
+    if embedder.dim != c_dim:
+        raise UserError(f"loss.identity_embedder {path}: gives {embedder.dim}-d features but the data's conditions "
+                        f"are {c_dim}-d; use the embedder whose features the conditions are")
+    embedder.to(device)
+    embedder.module.eval().requires_grad_(False)
+    return embedder.embed_differentiable
 
 
 @dataclass
@@ -129,7 +152,7 @@ class Trainer:
         self.conditions = torch.as_tensor(self.data.conditions, dtype=torch.float32).to(self.device)
         self.stats = TickStats(self.device)
         self.loss = ArcBiFaceLoss(self.G, self.D, self.D_nir, loss_config(spec, self.hp), self.augment_pipe,
-                                  self.stats.add)
+                                  self.stats.add, identity_embedder(spec, self.data.c_dim, self.device))
         self.phases = self._phases()
         self.cur_nimg = self.cur_tick = self.batch_idx = 0  # the loop's counters; tick work only reads them
         self.phase_seconds: dict[str, float] | None = None  # set to {} to time each phase (syncs the device)

@@ -61,6 +61,12 @@ class LossSpec(_Section):
     style_mixing_prob: float = Field(0.9, ge=0, le=1)
     g_reg_interval: int = Field(4, ge=1)
     d_reg_interval: int = Field(16, ge=1)
+    identity_embedder: str | None = Field(
+        None, description="a torch face embedder (native .safetensors or insightface .pth) whose features are "
+                          "the data's conditions: adds the identity loss 1 - cos(E(G(z, c)), c) to G's loss "
+                          "(not in the original; off when unset)")
+    identity_weight: float = Field(1.0, ge=0, description="λ_ID on the VIS image (with identity_embedder)")
+    identity_nir_weight: float = Field(1.0, ge=0, description="λ_ID on the NIR image (with identity_embedder)")
 
 
 class AugmentSpec(_Section):
@@ -151,6 +157,13 @@ class TrainSpec(_Section):
     metrics: MetricsSpec = MetricsSpec()
     resume: str | None = Field(None, description="run directory, native snapshot folder or original .pkl")
     run: TrainRunSpec = TrainRunSpec()
+
+    @field_validator("loss")
+    @classmethod
+    def _identity_is_facegen(cls, value: LossSpec, info: ValidationInfo) -> LossSpec:
+        if value.identity_embedder is not None and info.data.get("compat") == "original":
+            raise ValueError("identity_embedder adds a loss the original never had; unset it or use compat 'facegen'")
+        return value
 
 
 def resolve_hyperparams(spec: TrainSpec, resolution: int, num_workers: int | None = None) -> Hyperparams:

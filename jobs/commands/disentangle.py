@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pairs per unit of work; the result does not depend on it (default: 8)")
     r.add_argument("--epsilon", type=float, default=0.5,
                    help="grey levels added to the appearance change before dividing (default: 0.5)")
+    r.add_argument("--appearance-cap", type=float, default=1.0,
+                   help="rank units whose appearance change is above this quantile of all units' after every unit "
+                        "within it: 0.5 (the median) keeps a top-n swap's appearance change below n random units' "
+                        "but moves identity less (default: 1, rank by identity per appearance alone)")
     r.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process; ray: Ray actors (same table)")
     r.add_argument("--address", help="Ray address (default: an embedded local Ray)")
@@ -98,7 +102,8 @@ def run_rank(args: argparse.Namespace) -> int:
 
     job = RankJob(spaces=args.space, widths=args.widths, pairs=args.pairs, seed=args.seed,
                   truncation_psi=args.truncation, batch_size=args.batch, pairs_per_task=args.pairs_per_task,
-                  metric=Metric(lowpass_size=args.lowpass, epsilon=args.epsilon))
+                  metric=Metric(lowpass_size=args.lowpass, epsilon=args.epsilon,
+                                appearance_cap=args.appearance_cap))
     if not args.out.endswith(".parquet"):
         raise UserError(f"--out {args.out}: the rank table is a .parquet file")
     generator, embedder = load_generator(args.generator), load_embedder(args.embedder, **preprocessing_flags(args))

@@ -54,7 +54,9 @@ def test_scores_are_identity_over_appearance_and_tasks_split_freely(planted):
     space, embedder, table = planted
     rows = select(table, "wplus", 1)
     ids, looks = rows.column("identity_change").to_numpy(), rows.column("appearance_change").to_numpy()
-    np.testing.assert_allclose(rows.column("score").to_numpy(), ids / (looks + METRIC.epsilon))
+    ratio = ids / (looks + METRIC.epsilon)
+    np.testing.assert_allclose(rows.column("ratio").to_numpy(), ratio)
+    np.testing.assert_allclose(rows.column("score").to_numpy(), ratio)
     # A task's numbers do not depend on how its images are batched, and the table holds the plain
     # mean over pairs, per unit (rows are stored in unit order).
     job = RankJob(spaces=("wplus",), widths=(8,), pairs=3, batch_size=64, pairs_per_task=2, metric=METRIC)
@@ -76,7 +78,8 @@ def test_top_n_swaps_move_identity_monotonically_and_keep_appearance(planted):
     slots = np.arange(8)
     source = space.encode("wplus", face_ws(space, 1, Stream.SWAP_SOURCE, slots))
     target = space.encode("wplus", face_ws(space, 1, Stream.SWAP_TARGET, slots))
-    points = curve(swapper, table, "wplus", 1, [0, 1, 2, 3, 4, 8, 16], source, target, seed=0, random_draws=2)
+    points = curve(swapper, table, "wplus", 1, [0, 1, 2, 3, 4, 8, 16, 32], source, target, seed=0,
+                   random_draws=2)
     similarity = [p["top_similarity"] for p in points]
     assert similarity[0] == pytest.approx(1.0, abs=1e-6)
     assert all(a > b for a, b in zip(similarity, similarity[1:])), similarity
@@ -85,6 +88,33 @@ def test_top_n_swaps_move_identity_monotonically_and_keep_appearance(planted):
     for p in points[1:5]:
         assert p["top_appearance"] < p["random_appearance"], p
         assert p["top_similarity"] < p["random_similarity"], p
+
+
+def test_an_appearance_cap_keeps_every_top_n_swap_below_random_appearance(planted):
+    space, embedder, _ = planted
+    metric = Metric(lowpass_size=4, appearance_cap=0.5)
+    table = rank(space, embedder, RankJob(**{**JOB.__dict__, "widths": (1,), "metric": metric}))
+    rows = select(table, "wplus", 1)
+    ratio, looks = rows.column("ratio").to_numpy(), rows.column("appearance_change").to_numpy()
+    # Units above the median appearance change come after every unit within it, in ratio order.
+    over = looks > np.median(looks)
+    assert 0 < over.sum() < len(over)
+    np.testing.assert_allclose(rows.column("score").to_numpy(), np.where(over, ratio - 1 - ratio.max(), ratio))
+    inside = int((~over).sum())
+    assert not over[:inside].any() and over[inside:].all()
+    assert (np.diff(ratio[:inside]) <= 0).all() and (np.diff(ratio[inside:]) <= 0).all()
+    last_row = space.num_ws - 1
+    assert [(r, c) for r, c in zip(rows.column("layer").to_pylist()[:3], rows.column("start").to_pylist()[:3])] \
+        == [(last_row, c) for c in PLANTED]
+    swapper = Swapper(space, embedder, metric, batch_size=64)
+    slots = np.arange(8)
+    source = space.encode("wplus", face_ws(space, 1, Stream.SWAP_SOURCE, slots))
+    target = space.encode("wplus", face_ws(space, 1, Stream.SWAP_TARGET, slots))
+    points = curve(swapper, table, "wplus", 1, [1, 2, 3, 8, 16, 32], source, target, seed=0, random_draws=2)
+    for p in points:
+        assert p["top_appearance"] < p["random_appearance"], p
+    similarity = [p["top_similarity"] for p in points[:3]]  # the planted channels: identity moves each time
+    assert similarity[0] > similarity[1] > similarity[2]
     png = plot_png(points)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -140,6 +170,7 @@ def test_style_space_ranking_and_swaps_run_on_both_layouts(planted):
 
 
 def test_bad_rank_jobs_are_refused():
-    for bad in ({"spaces": ("z",)}, {"widths": (-1,)}, {"pairs": 0}, {"truncation_psi": 0.0}):
+    for bad in ({"spaces": ("z",)}, {"widths": (-1,)}, {"pairs": 0}, {"truncation_psi": 0.0},
+                {"metric": Metric(appearance_cap=0.0)}, {"metric": Metric(appearance_cap=1.5)}):
         with pytest.raises(UserError):
             RankJob(**bad)

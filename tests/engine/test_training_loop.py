@@ -245,3 +245,40 @@ def test_run_directory_and_resume_on_object_storage(data, s3_bucket, tmp_path):
     trainer = Trainer(resumed, local_context(second, torch.device("cpu")), second.uri)
     assert trainer.start.source == f"{uri}/00000-s3/checkpoints/checkpoint-000000000012" and trainer.cur_nimg == 12
     assert trainer.run()["cur_nimg"] == 20
+
+
+def _tiny_embedder(path, dim):
+    from facegen.models.checkpoint import save_native
+    from facegen.models.iresnet import IResNet, IResNetConfig
+
+    torch.manual_seed(0)
+    return save_native(IResNet(IResNetConfig(depth=18, embedding_dim=dim, input_size=16, base_width=8)).eval(),
+                       path)
+
+
+def test_identity_loss_trains_through_a_frozen_embedder(data, tmp_path):
+    embedder = _tiny_embedder(tmp_path / "embedder.safetensors", 8)
+    run_dir = tmp_path / "runs" / "00000-identity"
+    tree = tiny_tree(data, run_dir.parent, loss={"identity_embedder": str(embedder), "identity_nir_weight": 0.5})
+    trainer = _trainer(tree, run_dir)
+    before = {n: t.clone() for n, t in trainer.loss.identity.__self__.module.state_dict().items()}
+    trainer.run()
+    stats = _stats(run_dir)
+    assert [e["Loss/G/identity_vis"]["num"] for e in stats] == [4, 8, 8, 8, 4]
+    assert [e["Loss/G/identity_nir"]["num"] for e in stats] == [4, 8, 8, 8, 4]
+    assert all(0 <= e["Loss/G/identity_vis"]["mean"] <= 2 for e in stats)
+    after = trainer.loss.identity.__self__.module.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the embedder stays frozen
+
+
+def test_identity_loss_refuses_an_embedder_of_another_dimension(data, tmp_path):
+    embedder = _tiny_embedder(tmp_path / "embedder.safetensors", 16)
+    tree = tiny_tree(data, tmp_path / "runs", loss={"identity_embedder": str(embedder)})
+    with pytest.raises(UserError, match="16-d features but the data's conditions are 8-d"):
+        _trainer(tree, tmp_path / "runs" / "00000-x")
+
+
+def test_identity_loss_is_not_part_of_compat_original(data, tmp_path):
+    tree = tiny_tree(data, tmp_path / "runs", compat="original", loss={"identity_embedder": "e.safetensors"})
+    with pytest.raises(UserError, match="identity_embedder adds a loss the original never had"):
+        build_train_spec(tree)

@@ -12,6 +12,7 @@ from facegen.engine.training.loss import (
     discriminator_fake_loss,
     discriminator_real_loss,
     generator_loss,
+    identity_loss,
     path_length_noise,
     path_length_penalty,
     path_lengths,
@@ -121,11 +122,44 @@ class Doubler:
         return 2 * vis, 2 * nir
 
 
-def _loss(G, D, D_nir, stats=None, pipe=None, **config):
+def _loss(G, D, D_nir, stats=None, pipe=None, identity=None, **config):
     config = {"style_mixing_prob": 0.0, **config}
     record = (lambda name, value: stats.setdefault(name, []).append(value.detach().clone())) if stats is not None \
         else None
-    return ArcBiFaceLoss(G, D, D_nir, LossConfig(**config), augment_pipe=pipe, stat=record)
+    return ArcBiFaceLoss(G, D, D_nir, LossConfig(**config), augment_pipe=pipe, stat=record, identity=identity)
+
+
+def _flat_unit(images):
+    """A stand-in embedder: the image's pixels as a unit vector."""
+    return torch.nn.functional.normalize(images.flatten(1), dim=1)
+
+
+def test_identity_loss_is_one_minus_the_cosine_to_the_condition():
+    vis = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0, 2.0]).view(2, 3, 1, 1)
+    c = torch.tensor([[6.0, 8.0, 0.0], [0.0, 0.0, -5.0]])  # same direction as sample 0; opposite of sample 1
+    assert identity_loss(_flat_unit, vis, c).flatten().tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
+    nir = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)  # seen as grey RGB: (1,1,1) and (-1,-1,-1)
+    grey = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    assert identity_loss(_flat_unit, nir, grey).flatten().tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 0.0), (0.5, 2.0)])
+def test_generator_main_adds_the_weighted_identity_terms(weights):
+    # D's at a = b = 0: the adversarial part is ln 2 + λ_NIR ln 2 whatever G does.
+    w_vis, w_nir = weights
+    z = torch.tensor([[1.0, 2.0, 2.0, 4.0], [0.0, 3.0, -4.0, -2.0]])
+    c = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, -0.8]])
+    stats = {}
+    loss = _loss(StubG(), LinearD(0.0), LinearD(0.0), stats, identity=_flat_unit, nir_loss_weight=0.1,
+                 identity_weight=w_vis, identity_nir_weight=w_nir)
+    loss.accumulate_gradients("Gmain", REAL_VIS, REAL_NIR, None, z, c, gain=1)
+    # vis = z[:3]: cos to c = 1/3 and 1; nir = z[3] as grey (sign only): cos = +-1/sqrt(3) and -(0.6-0.8)/sqrt(3)
+    cos_vis = torch.tensor([1 / 3, 1.0])
+    cos_nir = torch.tensor([1.0, 0.2]) / math.sqrt(3)
+    expected = 1.1 * LN2 + w_vis * (1 - cos_vis) + w_nir * (1 - cos_nir)
+    assert stats["Loss/G/loss"][0].flatten().tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    assert ("Loss/G/identity_vis" in stats) == (w_vis != 0)
+    assert ("Loss/G/identity_nir" in stats) == (w_nir != 0)
 
 
 REAL_VIS = torch.tensor([1.0, 2.0, 3.0, -1.0, 0.0, 0.5]).view(2, 3, 1, 1)

@@ -49,6 +49,8 @@ def test_bad_input_is_one_message_and_exit_2(models, tmp_path, capsys):
     base = ["disentangle", "rank", "--generator", generator, "--embedder", embedder]
     assert main([*base, "--out", str(tmp_path / "r.parquet"), "--space", "z"]) == 2
     assert "spaces must be among" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "r.parquet"), "--appearance-cap", "0"]) == 2
+    assert "appearance_cap must be in (0, 1], got 0.0" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "r.csv")]) == 2
     assert main(["disentangle", "export", str(tmp_path / "missing.parquet"), "--generator", generator,
                  "--out", str(tmp_path / "x.npy")]) == 2
