@@ -43,7 +43,8 @@ def loss_config(spec: TrainSpec, hp: Hyperparams) -> LossConfig:
         pl_decay=ls.pl_decay, style_mixing_prob=ls.style_mixing_prob if hp.style_mixing else 0.0,
         original=spec.compat == "original",
         identity_weight=ls.identity_weight if ls.identity_embedder else 0.0,
-        identity_nir_weight=ls.identity_nir_weight if ls.identity_embedder else 0.0)
+        identity_nir_weight=ls.identity_nir_weight if ls.identity_embedder else 0.0,
+        identity_blur=ls.identity_blur)
 
 
 def identity_embedder(spec: TrainSpec, c_dim: int, device: torch.device):

@@ -67,6 +67,8 @@ class LossSpec(_Section):
                           "(not in the original; off when unset)")
     identity_weight: float = Field(1.0, ge=0, description="λ_ID on the VIS image (with identity_embedder)")
     identity_nir_weight: float = Field(1.0, ge=0, description="λ_ID on the NIR image (with identity_embedder)")
+    identity_blur: bool = Field(True, description="the embedder sees a [1 2 1] binomial blur of G's image, so G "
+                                                  "cannot raise the identity term with pixel-level speckle")
 
 
 class AugmentSpec(_Section):

@@ -9,6 +9,7 @@ import torch
 from facegen.engine.training.loss import (
     ArcBiFaceLoss,
     LossConfig,
+    binomial_blur,
     discriminator_fake_loss,
     discriminator_real_loss,
     generator_loss,
@@ -141,6 +142,16 @@ def test_identity_loss_is_one_minus_the_cosine_to_the_condition():
     nir = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)  # seen as grey RGB: (1,1,1) and (-1,-1,-1)
     grey = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     assert identity_loss(_flat_unit, nir, grey).flatten().tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
+
+
+def test_binomial_blur_removes_the_pixel_checkerboard_and_keeps_flat_images():
+    checker = torch.ones(1, 2, 6, 6)
+    checker[:, :, 0::2, 1::2] = checker[:, :, 1::2, 0::2] = -1.0
+    assert binomial_blur(checker)[:, :, 1:-1, 1:-1].abs().max().item() == 0.0
+    flat = torch.full((2, 3, 4, 4), 0.25)
+    assert torch.equal(binomial_blur(flat), flat)
+    one_pixel = torch.tensor([3.0, -1.0]).view(2, 1, 1, 1)  # replicated edges: a 1x1 image is its own blur
+    assert torch.equal(binomial_blur(one_pixel), one_pixel)
 
 
 @pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, 0.0), (0.5, 2.0)])
