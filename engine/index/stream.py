@@ -203,7 +203,7 @@ def build_index_from_blocks(blocks: Iterable[Block], out: Storage, *, expected_d
     names the embedder in a width mismatch."""
     blocks = iter(blocks)
     # The first block before the writer: a source that is unreadable or of the wrong width from its
-    # start fails before an existing index is replaced (--overwrite removes it when writing starts).
+    # start fails before the writer is made (a replaced index stays readable until the new one is finished).
     first = next(blocks, None)
     if first is not None and expected_dim is not None and first[0].shape[1] != expected_dim:
         raise UserError(f"index build: the source holds {first[0].shape[1]}-d embeddings but {embedder_name} "

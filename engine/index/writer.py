@@ -23,6 +23,7 @@ from facegen.engine.index.store import (
     SHARD_DIR,
     IndexInfo,
     ShardInfo,
+    read_info,
     shard_name,
     write_info,
     write_shard,
@@ -76,7 +77,10 @@ class IndexWriter:
         self._sample: np.ndarray | None = None
         self._sample_ids: list[str] = []
         self._seen = 0
-        _prepare_output(out, overwrite)
+        self._replaced = _prepare_output(out, overwrite)
+        # A replacement writes its shards under names the index it replaces does not use, so that
+        # index stays whole and readable until the new index.json is in place.
+        self._prefix = REPLACEMENT_PREFIX if any(not n.startswith(REPLACEMENT_PREFIX) for n in self._replaced) else ""
 
     @property
     def dim(self) -> int | None:
@@ -163,7 +167,7 @@ class IndexWriter:
     def _flush(self) -> None:
         if self._fill == 0:
             return
-        name = shard_name(len(self.shards))
+        name = self._prefix + shard_name(len(self.shards))
         write_shard(self.out, name, self._buffer[: self._fill], self._identities, self._files,
                     row_dtype=self.row_dtype)
         self.shards.append(ShardInfo(name, self.count, self._fill))
@@ -190,29 +194,50 @@ class IndexWriter:
                              num_identities=self.num_identities(), row_dtype=self.row_dtype,
                              impostor_scores=impostor_summary(self._sample[:kept], self._sample_ids[:kept]),
                              **fields)
-            write_info(self.out, info)  # last: only now is the index readable
+            write_info(self.out, info)  # last: only now is the (new) index readable
         except BaseException:
             self.abort()
             raise
         self._buffer = None
+        _delete_shards_except(self.out, {s.name for s in self.shards})  # the replaced index's shards
         return info
 
     def num_identities(self) -> int:
         return len(pc.unique(pa.chunked_array(self._distinct, pa.string()))) if self._distinct else 0
 
     def abort(self) -> None:
-        """Remove what this build wrote (no index.json was written yet)."""
+        """Remove what this build wrote; an index it was to replace stays as it was."""
         self._buffer = None
-        self.out.delete(SHARD_DIR)
+        _delete_shards_except(self.out, self._replaced)
 
 
-def _prepare_output(out: Storage, overwrite: bool) -> None:
+REPLACEMENT_PREFIX = "next-"  # shard names of a build that replaces an index named without it
+
+
+def _prepare_output(out: Storage, overwrite: bool) -> set[str]:
+    """Check the output; returns the shard names of the readable index `overwrite` will replace (it is
+    left in place until the new one is finished) after clearing any other shard files."""
     out.check_writable()
+    replaced: set[str] = set()
     if out.exists(INDEX_JSON):
         if not overwrite:
             raise UserError(f"{out.url(INDEX_JSON)}: an index already exists here (use --overwrite)")
-        out.delete(INDEX_JSON)  # first, so the old index stops being readable before it changes
-    out.delete(SHARD_DIR)
+        try:
+            replaced = {s.name for s in read_info(out).shards}
+        except UserError:  # an unreadable index.json: nothing worth keeping
+            out.delete(INDEX_JSON)
+    _delete_shards_except(out, replaced)
+    return replaced
+
+
+def _delete_shards_except(out: Storage, keep: set[str]) -> None:
+    """Remove the shard files (and the folder, when nothing is kept) not named in `keep`."""
+    if not keep:
+        out.delete(SHARD_DIR)
+        return
+    for name in out.list(SHARD_DIR):
+        if name.split(".", 1)[0] not in keep:
+            out.delete(f"{SHARD_DIR}/{name}")
 
 
 def write_blocks(writer: IndexWriter, blocks: Iterable[tuple[np.ndarray, Sequence[str], Sequence[str]]]

@@ -220,7 +220,39 @@ def test_rebuild_needs_overwrite_and_replaces_shards(tmp_path):
                     preprocessing=None)
     info = build_index(rng.standard_normal((3, 4)), ["a"] * 3, ["f"] * 3, out, embedder_fingerprint=None,
                        preprocessing=None, overwrite=True)
-    assert info.num_shards == 1 and out.list("shards") == ["00000.faiss", "00000.parquet"]
+    # The replacement's shards are named apart from the replaced index's, whose files are gone once it is done.
+    assert info.num_shards == 1 and out.list("shards") == ["next-00000.faiss", "next-00000.parquet"]
+    assert PrivacyIndex.open(str(tmp_path), backend="numpy").count == 3
+    info = build_index(rng.standard_normal((5, 4)), ["a"] * 5, ["f"] * 5, out, embedder_fingerprint=None,
+                       preprocessing=None, overwrite=True, shard_size=4)
+    assert [s.name for s in info.shards] == ["00000", "00001"]
+    assert out.list("shards") == ["00000.faiss", "00000.parquet", "00001.faiss", "00001.parquet"]
+
+
+def test_a_failed_overwrite_leaves_the_old_index_whole(tmp_path):
+    from facegen.engine.index.stream import build_index_from_blocks
+
+    rng = np.random.default_rng(9)
+    out = Storage(str(tmp_path))
+    old = rng.standard_normal((6, 4))
+    build_index(old, ["a", "b"] * 3, [f"f{i}" for i in range(6)], out, embedder_fingerprint=None,
+                preprocessing=None, shard_size=4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} | {
+        "index.json": (tmp_path / "index.json").read_bytes()}
+    bad = rng.standard_normal((3, 4))
+    bad[2] = np.nan
+
+    def blocks():  # a good first shard's worth, then a row the build must refuse
+        yield rng.standard_normal((4, 4)), ["c"] * 4, ["g"] * 4
+        yield bad, ["d"] * 3, ["h"] * 3
+
+    with pytest.raises(UserError, match="not finite"):
+        build_index_from_blocks(blocks(), out, shard_size=4, overwrite=True)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} | {
+        "index.json": (tmp_path / "index.json").read_bytes()}
+    assert after == before
+    index = PrivacyIndex.open(str(tmp_path), backend="numpy")
+    assert index.count == 6
 
 
 def test_invalid_rows_refused_or_dropped_and_counted(tmp_path):
