@@ -42,6 +42,7 @@ from facegen.cluster.actors import (
     plan_workers,
     raise_user_error,
 )
+from facegen.cluster.ray_start import init_ray
 from facegen.cluster.remote_index import RemoteAnchors, RemoteIndex
 from facegen.engine.dataset.manifest import remove_incomplete
 from facegen.engine.identities import IDENTITIES_FILE
@@ -176,7 +177,7 @@ def _init_keeping_sigterm(**options) -> None:
     (one line, exit 130, `--resume`)."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(**options)
+    init_ray(**options)
     if callable(before):
         signal.signal(signal.SIGTERM, before)
 

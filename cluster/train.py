@@ -21,6 +21,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from facegen.cluster.ray_start import init_ray
 from facegen.engine.storage import Storage
 from facegen.engine.training.context import TrainContext
 from facegen.engine.training.launch import Prepared
@@ -108,7 +109,7 @@ def fit_on_ray(spec: Any, make: Callable[[], TorchTrainer]) -> Any:
     """Connect to `run.address` (or start an embedded Ray), build the trainer there and fit it; a
     worker's UserError comes back as itself."""
     if not ray.is_initialized():
-        ray.init(address=spec.run.address, include_dashboard=False, configure_logging=False)
+        init_ray(address=spec.run.address, include_dashboard=False, configure_logging=False)
     trainer = make()
     try:
         return trainer.fit()
