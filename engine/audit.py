@@ -26,6 +26,7 @@ from facegen.engine.dataset.formats import shard_reader
 from facegen.engine.dataset.manifest import SHARDS_DIR, completed_shards
 from facegen.engine.dataset.samples import Sample
 from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.index.sources import embed_image_batch
 from facegen.engine.progress import progress_bar
 from facegen.engine.storage import Storage
 from facegen.models.embedder import FaceEmbedder
@@ -113,16 +114,9 @@ def _samples(dataset: Storage, markers: dict[int, dict], workers: int) -> Iterat
 
 
 def _embed_grouped(embedder: FaceEmbedder, images: list[np.ndarray], batch_size: int) -> np.ndarray:
-    """Embed HWC(3) or HW images of possibly different sizes: one stacked call per size."""
-    out = np.empty((len(images), embedder.dim), np.float32)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_shape.setdefault(image.shape, []).append(i)
-    for positions in by_shape.values():
-        stack = np.stack([images[i] for i in positions])
-        stack = stack[:, None] if stack.ndim == 3 else stack.transpose(0, 3, 1, 2)
-        out[positions] = embedder.embed(np.ascontiguousarray(stack), batch_size).cpu().numpy()
-    return out
+    """Embed decoded HWC(3) or HW images of possibly different sizes: one stacked call per size."""
+    chw = [image[None] if image.ndim == 2 else image.transpose(2, 0, 1) for image in images]
+    return embed_image_batch(chw, lambda batch: embedder.embed(batch, batch_size))
 
 
 def audit_dataset(dataset: Storage, index: PrivacyIndex, embedder: FaceEmbedder, threshold: float, *,

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise UserError(f"--threshold {args.threshold}: must be in (0, 1); cosine similarities above 1 do not "
                         "exist, so such a threshold would pass everything")
-    target = None
+    target, name = None, None
     if args.out:  # checked before any work: a long audit must not fail at the very end
         folder, _, name = args.out.rstrip("/").rpartition("/")
         if not name:
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                                with_identities=args.with_identities)
     if target is not None:
         with storage_errors(f"--out {args.out}"):
-            write_audit(result, target, args.out.rstrip("/").rpartition("/")[2])
+            write_audit(result, target, name)
     summary = {**result.summary(), "threshold_source": source, "index_count": index.count}
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
