@@ -113,5 +113,4 @@ class OverlapLocks:
 
     def add(self, **seconds: float) -> None:
         with self._count:
-            for name, value in seconds.items():
-                setattr(self.times, name, getattr(self.times, name) + value)
+            self.times.add(StageTimes(**seconds))
