@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facegen.engine.frdata.pairs import draw_pairs
 from facegen.engine.preview import latents, sample
 from facegen.engine.world import render
 from facegen.models.embedder import FaceEmbedder
@@ -46,25 +47,10 @@ def embed(embedder: FaceEmbedder, images: np.ndarray, batch: int = 256) -> np.nd
     return embedder.embed(as_batch(images), batch_size=batch).double().numpy()
 
 
-def draw_pairs(ids: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`count` genuine pairs (two different images of one identity) and `count` impostor pairs."""
-    rng = np.random.default_rng(seed)
-    order = np.argsort(ids, kind="stable")
-    unique, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
-    g = rng.integers(0, len(unique), count)
-    a = rng.integers(0, counts[g])
-    b = (a + rng.integers(1, counts[g])) % counts[g]
-    x = rng.integers(0, len(unique), count)
-    y = (x + rng.integers(1, len(unique), count)) % len(unique)
-    first = np.concatenate([order[starts[g] + a], order[starts[x] + rng.integers(0, counts[x])]])
-    second = np.concatenate([order[starts[g] + b], order[starts[y] + rng.integers(0, counts[y])]])
-    return first, second, np.arange(2 * count) < count
-
-
 def verification(embeddings: np.ndarray, ids: np.ndarray, pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine score, same identity) of `pairs` genuine and `pairs` impostor pairs."""
-    first, second, same = draw_pairs(ids, pairs, seed)
-    return np.einsum("ij,ij->i", embeddings[first], embeddings[second]), same
+    """(cosine score, same identity) of `pairs` genuine and `pairs` impostor pairs (as `eval-fr` draws them)."""
+    rows, first, second, same = draw_pairs(ids, pairs, pairs, np.random.default_rng(seed), "world population")
+    return np.einsum("ij,ij->i", embeddings[rows[first]], embeddings[rows[second]]), same
 
 
 def centroids(embeddings: np.ndarray, ids: np.ndarray) -> np.ndarray:
