@@ -59,6 +59,7 @@ class LossConfig:
     identity_weight: float = 0.0  # λ_ID on the VIS image (needs an identity embedder)
     identity_nir_weight: float = 0.0  # λ_ID,NIR on the NIR image, seen as grey RGB
     identity_blur: bool = True  # the embedder sees a binomial blur of the image
+    noise: bool = True  # G's per-pixel noise inputs during training (False: never used, strengths stay 0)
 
     @property
     def gamma_nir(self) -> float:
@@ -155,7 +156,7 @@ class ArcBiFaceLoss:
         ws = self.G.mapping(z, c, update_emas=True)
         if self.config.style_mixing_prob > 0:
             ws = self._mix_styles(ws, z, c)
-        vis, nir = self.G.synthesis(ws, noise_mode="random")
+        vis, nir = self.G.synthesis(ws, noise_mode="random" if self.config.noise else "none")
         return vis, nir, ws
 
     def _mix_styles(self, ws: torch.Tensor, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:

@@ -59,6 +59,9 @@ class LossSpec(_Section):
     pl_batch_shrink: int = Field(2, ge=1)
     pl_decay: float = Field(0.01, ge=0, le=1)
     style_mixing_prob: float = Field(0.9, ge=0, le=1)
+    noise: bool = Field(True, description="G's per-pixel noise inputs during training (the original: on). Off, "
+                                          "they are never used and their strengths stay 0: for data without "
+                                          "per-pixel stochastic detail, where a small G turns noise into speckle")
     g_reg_interval: int = Field(4, ge=1)
     d_reg_interval: int = Field(16, ge=1)
     identity_embedder: str | None = Field(
@@ -162,9 +165,13 @@ class TrainSpec(_Section):
 
     @field_validator("loss")
     @classmethod
-    def _identity_is_facegen(cls, value: LossSpec, info: ValidationInfo) -> LossSpec:
-        if value.identity_embedder is not None and info.data.get("compat") == "original":
-            raise ValueError("identity_embedder adds a loss the original never had; unset it or use compat 'facegen'")
+    def _facegen_only_terms(cls, value: LossSpec, info: ValidationInfo) -> LossSpec:
+        if info.data.get("compat") == "original":
+            if value.identity_embedder is not None:
+                raise ValueError("identity_embedder adds a loss the original never had; unset it or use compat "
+                                 "'facegen'")
+            if not value.noise:
+                raise ValueError("noise false: the original always trains with noise inputs; use compat 'facegen'")
         return value
 
 

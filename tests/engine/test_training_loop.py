@@ -278,7 +278,10 @@ def test_identity_loss_refuses_an_embedder_of_another_dimension(data, tmp_path):
         _trainer(tree, tmp_path / "runs" / "00000-x")
 
 
-def test_identity_loss_is_not_part_of_compat_original(data, tmp_path):
+def test_identity_loss_and_noiseless_training_are_not_part_of_compat_original(data, tmp_path):
     tree = tiny_tree(data, tmp_path / "runs", compat="original", loss={"identity_embedder": "e.safetensors"})
     with pytest.raises(UserError, match="identity_embedder adds a loss the original never had"):
+        build_train_spec(tree)
+    tree = tiny_tree(data, tmp_path / "runs", compat="original", loss={"noise": False})
+    with pytest.raises(UserError, match="the original always trains with noise inputs"):
         build_train_spec(tree)

@@ -288,3 +288,24 @@ def test_lambda_nir_is_linear_in_the_generator_gradient_of_the_real_networks():
     assert (g1 - g0).abs().max() > 1e-4  # the NIR term does reach G
     # λ = 0 leaves exactly the VIS loss (the NIR heads get zero gradient)
     assert torch.allclose(g0, grads(0.0, vis_only=True), atol=1e-7)
+
+
+@pytest.mark.parametrize("noise", [True, False])
+def test_training_without_noise_inputs_leaves_their_strengths_untouched(noise):
+    G = Generator(GeneratorConfig(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, mapping_layers=1,
+                                  channel_base=64, channel_max=8, num_fp16_res=0))
+    D = Discriminator(DiscriminatorConfig(c_dim=0, img_resolution=16, img_channels=3, channel_base=64,
+                                          channel_max=8, num_fp16_res=0, mbstd_group_size=2))
+    loss = ArcBiFaceLoss(G, D, None, LossConfig(style_mixing_prob=0.0, noise=noise))
+    torch.manual_seed(0)
+    loss.accumulate_gradients("Gmain", None, None, None, torch.randn(2, 8), None, gain=1)
+    strengths = [p for name, p in G.named_parameters() if name.endswith("noise_strength")]
+    assert len(strengths) == 5  # conv1 at 4x4; conv0 and conv1 at 8x8 and 16x16
+    if noise:
+        assert all(p.grad is not None for p in strengths) and any(p.grad.abs().item() > 0 for p in strengths)
+    else:
+        assert all(p.grad is None for p in strengths)
+        # and with the strengths at their initial 0, every noise mode renders the same image
+        ws = G.mapping(torch.randn(1, 8), None)
+        images = [G.synthesis(ws, noise_mode=mode)[0] for mode in ("const", "random", "none")]
+        assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
