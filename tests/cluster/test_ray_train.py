@@ -1,6 +1,6 @@
-"""Ray Train hosting: 2 CPU workers (gloo), a worker process killed mid-run, automatic restart from the
-last checkpoint with the kimg count continuing; training on WebDataset shards written by `facegen
-generate`, then `--resume`; checkpoint storage through a pyarrow filesystem."""
+"""Ray Train hosting: 2 CPU workers (gloo) train on WebDataset shards written by `facegen generate`, a
+worker process is killed mid-run, the group restarts from the last checkpoint with the kimg count
+continuing, then `--resume` starts a new run from it; checkpoint storage through a pyarrow filesystem."""
 
 import json
 import os
@@ -24,46 +24,6 @@ from tests.engine.training_tiny import TINY_CONFIG, make_dataset, tiny_tree
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_two_workers_restart_from_the_checkpoint_after_a_worker_is_killed(ray_session, tmp_path):
-    data = make_dataset(tmp_path / "data")
-    # 7 steps of 4 images (2 per worker); ticks (and checkpoints) after steps 1, 3, 5, 7
-    tree = tiny_tree(data, tmp_path / "out", config={"kimg": 0.028},
-                     run={"executor": "ray", "num_workers": 2, "max_failures": 1})
-    spec = build_train_spec(tree)
-    prepared = prepare(spec)
-
-    def kill_rank1_once(ctx, batch_idx):
-        if ctx.rank == 1 and batch_idx == 5 and ctx.latest_checkpoint is None:
-            # Just past the checkpoint at 20 images. Wait for Ray Train's controller to poll the workers
-            # (every 2 s) so it has registered that checkpoint, then the process dies: no exception, no
-            # cleanup. (Without the wait the restart may use the checkpoint before it.)
-            time.sleep(5)
-            os._exit(1)
-
-    summary = run_ray_training(spec, prepared, step_hook=kill_rank1_once)
-    run_dir = Path(prepared.run_uri)
-    assert summary["kimg"] == 0.028
-    assert summary["checkpoint"].endswith("checkpoints/checkpoint-000000000028")
-
-    log = (run_dir / "log.txt").read_text().splitlines()
-    restarts = [line for line in log if line.startswith("Restarted from checkpoint")]
-    assert len(restarts) == 1
-    expected = "Restarted from checkpoint checkpoint-000000000020 at kimg 0.020, continuing with tick 3"
-    assert restarts[0].startswith(expected)
-    # every tick exactly once, the kimg count continuing from the checkpoint
-    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    assert [e["Progress/kimg"]["mean"] for e in stats] == [0.004, 0.012, 0.02, 0.028]
-    assert [e["Progress/tick"]["mean"] for e in stats] == [0, 1, 2, 3]
-    assert all(e["Progress/replica_spread"]["mean"] == 0 for e in stats)  # DDP kept the replicas equal
-    assert sum(line.startswith("Dataset ") for line in log) == 1  # the restart did not start over
-
-    final = load_snapshot(run_dir / "checkpoints" / "checkpoint-000000000028")
-    assert final.state["cur_nimg"] == 28 and final.state["batch_idx"] == 7 and final.state["world_size"] == 2
-    assert len(final.state["ranks"]) == 2
-    options = json.loads((run_dir / "training_options.json").read_text())
-    assert (options["num_gpus"], options["batch_gpu"], options["batch_size"]) == (2, 2, 4)
-
-
 def generated_shards(tmp_path: Path) -> Path:
     """VIS+NIR+condition shards from the real `facegen generate` path, with tiny 16x16 models."""
     real = make_dataset(tmp_path / "real")  # the real identities the privacy filter compares against
@@ -84,36 +44,65 @@ def generated_shards(tmp_path: Path) -> Path:
     return shards
 
 
-def test_two_workers_train_on_generated_shards_and_resume(ray_session, tmp_path):
+def test_two_workers_on_generated_shards_restart_after_a_kill_then_resume(ray_session, tmp_path):
     shards = generated_shards(tmp_path)
-    # 4 steps of 4 images (2 per worker) from the 12 generated pairs; ticks after steps 1 and 3, and at the end
-    tree = tiny_tree(shards, tmp_path / "out", config={"kimg": 0.016}, run={"executor": "ray", "num_workers": 2})
+    # 7 steps of 4 images (2 per worker) from the 12 generated pairs; ticks (and checkpoints) after
+    # steps 1, 3, 5, 7
+    tree = tiny_tree(shards, tmp_path / "out", config={"kimg": 0.028},
+                     run={"executor": "ray", "num_workers": 2, "max_failures": 1})
     spec = build_train_spec(tree)
     prepared = prepare(spec)
     assert (prepared.num_items, prepared.resolution, prepared.c_dim) == (12, 16, 8)
-    summary = run_ray_training(spec, prepared)
-    run_dir = Path(prepared.run_uri)
-    assert summary["kimg"] == 0.016
-    log = (run_dir / "log.txt").read_text()
-    assert "Dataset generated: 12 items (12 pairs, mirror False), 16x16, c_dim 8" in log
-    options = json.loads((run_dir / "training_options.json").read_text())
-    assert options["spec"]["data"]["uri"] == str(shards) and options["num_gpus"] == 2
 
-    resumed_spec = build_train_spec(tree, ["config.kimg=0.024", f"resume={run_dir}"])
+    def kill_rank1_once(ctx, batch_idx):
+        if ctx.rank == 1 and batch_idx == 5 and ctx.latest_checkpoint is None:
+            # Just past the checkpoint at 20 images. Wait for Ray Train's controller to poll the workers
+            # (every 2 s) so it has registered that checkpoint, then the process dies: no exception, no
+            # cleanup. (Without the wait the restart may use the checkpoint before it.)
+            time.sleep(5)
+            os._exit(1)
+
+    summary = run_ray_training(spec, prepared, step_hook=kill_rank1_once)
+    run_dir = Path(prepared.run_uri)
+    assert summary["kimg"] == 0.028
+    assert summary["checkpoint"].endswith("checkpoints/checkpoint-000000000028")
+
+    log = (run_dir / "log.txt").read_text().splitlines()
+    assert "Dataset generated: 12 items (12 pairs, mirror False), 16x16, c_dim 8" in "\n".join(log)
+    restarts = [line for line in log if line.startswith("Restarted from checkpoint")]
+    assert len(restarts) == 1
+    expected = "Restarted from checkpoint checkpoint-000000000020 at kimg 0.020, continuing with tick 3"
+    assert restarts[0].startswith(expected)
+    # every tick exactly once, the kimg count continuing from the checkpoint
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [e["Progress/kimg"]["mean"] for e in stats] == [0.004, 0.012, 0.02, 0.028]
+    assert [e["Progress/tick"]["mean"] for e in stats] == [0, 1, 2, 3]
+    assert all(e["Progress/replica_spread"]["mean"] == 0 for e in stats)  # DDP kept the replicas equal
+    assert sum(line.startswith("Dataset ") for line in log) == 1  # the restart did not start over
+
+    final = load_snapshot(run_dir / "checkpoints" / "checkpoint-000000000028")
+    assert final.state["cur_nimg"] == 28 and final.state["batch_idx"] == 7 and final.state["world_size"] == 2
+    assert len(final.state["ranks"]) == 2
+    options = json.loads((run_dir / "training_options.json").read_text())
+    assert (options["num_gpus"], options["batch_gpu"], options["batch_size"]) == (2, 2, 4)
+    assert options["spec"]["data"]["uri"] == str(shards)
+
+    # --resume from the run directory: a new run whose kimg count and optimisers continue
+    resumed_spec = build_train_spec(tree, ["config.kimg=0.036", f"resume={run_dir}"])
     resumed = prepare(resumed_spec)
     summary = run_ray_training(resumed_spec, resumed)
-    assert summary["kimg"] == 0.024
+    assert summary["kimg"] == 0.036
     resumed_dir = Path(resumed.run_uri)
     assert resumed_dir.name.startswith("00001-generated-cond") and resumed_dir.name.endswith("-resumecustom")
-    assert f"Resuming from snapshot {run_dir}/checkpoints/checkpoint-000000000016 at kimg 0.016" in (
+    assert f"Resuming from snapshot {run_dir}/checkpoints/checkpoint-000000000028 at kimg 0.028" in (
         resumed_dir / "log.txt").read_text()
     stats = [json.loads(line) for line in (resumed_dir / "stats.jsonl").read_text().splitlines()]
-    assert [e["Progress/kimg"]["mean"] for e in stats] == [0.024]  # the kimg count continued
+    assert [e["Progress/kimg"]["mean"] for e in stats] == [0.036]  # the kimg count continued
     assert all(e["Progress/replica_spread"]["mean"] == 0 for e in stats)
-    final = load_snapshot(resumed_dir / "checkpoints" / "checkpoint-000000000024")
-    assert (final.state["cur_nimg"], final.state["batch_idx"], final.state["world_size"]) == (24, 6, 2)
-    # G's Adam counted on from the first run's 4 Gmain + 1 Greg steps: 6 Gmain + 2 Greg (steps 0 and 4)
-    assert final.state["optimizers"]["G"]["state"][0]["step"].item() == 8
+    final = load_snapshot(resumed_dir / "checkpoints" / "checkpoint-000000000036")
+    assert (final.state["cur_nimg"], final.state["batch_idx"], final.state["world_size"]) == (36, 9, 2)
+    # G's Adam counted on from the first run's 7 Gmain + 2 Greg steps (steps 0 and 4): 9 Gmain + 3 Greg
+    assert final.state["optimizers"]["G"]["state"][0]["step"].item() == 12
 
 
 def test_checkpoint_storage_goes_through_the_run_directory_filesystem(s3_bucket):
