@@ -9,11 +9,11 @@
 
 The identity term is not the original's: with a frozen face embedder E (the one whose features are the
 conditions c), it pulls every sample straight towards its condition's identity instead of waiting for
-the conditional D to teach that, which is what lets a small generator become recognisable in a short
-CPU run. Off (weights 0) unless an embedder is given. E sees the image after a [1 2 1]² binomial blur
-(`identity_blur`): a small embedder over-reads pixel-level patterns, and without the blur G learns a
-speckle texture that raises the cosine (seen on the 32² demo generator within 50 kimg) instead of the
-face's shape; the blur removes exactly that frequency.
+the conditional D to teach that, which is what lets a small generator's samples carry their identity
+after a short CPU run. Off (weights 0) unless an embedder is given. E sees the image after a [1 2 1]² binomial blur
+(`identity_blur`), which has zero response at the pixel-level checkerboard: a small embedder
+over-reads such patterns, and the term should reward the face's shape, not a texture. (The speckle the
+demo generator did learn came from its noise inputs, not from this term: `noise`.)
 
 The pure functions below are the terms; `ArcBiFaceLoss.accumulate_gradients` runs one training
 phase (Gmain, Greg, Dmain, Dreg) and calls `backward()`, as StyleGAN2-ADA's `StyleGAN2Loss` does.
