@@ -104,8 +104,9 @@ class NumpyBackend:
         for start, sims in self._blocks(queries):
             kk = min(k, sims.shape[1])
             idx = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-            _smallest_rows_on_ties(sims, np.take_along_axis(sims, idx, 1), idx)
-            cand_sims = np.concatenate([kept_sims, np.take_along_axis(sims, idx, 1)], axis=1)
+            val = np.take_along_axis(sims, idx, 1)
+            _smallest_rows_on_ties(sims, val, idx)
+            cand_sims = np.concatenate([kept_sims, val], axis=1)
             cand_rows = np.concatenate([kept_rows, idx + start], axis=1)
             kept_sims, kept_rows = merge_topk(cand_sims, cand_rows, k)
         return _pad_topk(kept_sims, kept_rows, k)
