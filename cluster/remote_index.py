@@ -22,7 +22,7 @@ import torch
 
 from facegen.engine.index.anchors import anchor_shards
 from facegen.engine.index.protocol import checked_rows
-from facegen.engine.index.search import IndexShard, PrivacyIndex, reduce_max, reduce_topk
+from facegen.engine.index.search import IndexShard, PrivacyIndex, prepare_queries, reduce_max, reduce_topk
 
 
 @ray.remote
@@ -83,6 +83,16 @@ def start_shard_actors(shards: Sequence[IndexShard], dim: int, num_actors: int, 
     return actors, [shards[g.start].offset for g in groups]
 
 
+def checked_queries(queries: Any, dim: int) -> np.ndarray:
+    """Float32 numpy queries, checked here as an in-process index would check them: a bad batch fails
+    once, in the caller, instead of once in every actor (whose other answers would be left unread)."""
+    if isinstance(queries, torch.Tensor):
+        queries = queries.detach().cpu().numpy()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    prepare_queries(queries, dim, "numpy", "cpu")
+    return queries
+
+
 class RemoteAnchors:
     """Accepted identities' anchors held by index-shard actors: the separability search of expansion
     (`search(queries, k)`, exact top-k in global rows = identity labels) when the anchors are too many to
@@ -91,8 +101,8 @@ class RemoteAnchors:
 
     remote = True  # `Identities` keeps it when pickled (a local index is rebuilt where it lands)
 
-    def __init__(self, actors: Sequence[Any], count: int):
-        self.actors, self.count = list(actors), count
+    def __init__(self, actors: Sequence[Any], count: int, dim: int):
+        self.actors, self.count, self.dim = list(actors), count, dim
 
     @classmethod
     def start(cls, anchors: np.ndarray, num_actors: int, *, shard_rows: int | None = None, max_restarts: int = 3,
@@ -101,13 +111,11 @@ class RemoteAnchors:
         shards = anchor_shards(anchors, shard_rows)  # faiss there: it copies the rows Ray hands over read-only
         actors, _ = start_shard_actors(shards, anchors.shape[1], num_actors, max_restarts=max_restarts,
                                        options=options)
-        return cls(actors, len(anchors))
+        return cls(actors, len(anchors), anchors.shape[1])
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over every anchor: every actor answers, `reduce_topk` merges (ties to the smallest row)."""
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().cpu().numpy()
-        ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        ref = ray.put(checked_queries(queries, self.dim))
         return reduce_topk(ray.get([a.search.remote(ref, k) for a in self.actors]), k)
 
     def shutdown(self) -> None:
@@ -162,9 +170,7 @@ class RemoteIndex:
 
     def max_similarity(self, queries: Any) -> tuple[np.ndarray, np.ndarray]:
         """Exact (max cosine float32 [N], global row int64 [N]): every actor answers, `reduce_max` merges."""
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().cpu().numpy()
-        ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        ref = ray.put(checked_queries(queries, self.dim))
         return reduce_max(ray.get([a.max_similarity.remote(ref) for a in self.actors]))
 
     def identity_of(self, rows: Any) -> np.ndarray:

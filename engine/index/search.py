@@ -41,7 +41,7 @@ from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
 
 
-def _prepare_queries(queries: Any, dim: int, backend: str, device: str) -> tuple[Any, np.ndarray]:
+def prepare_queries(queries: Any, dim: int, backend: str, device: str) -> tuple[Any, np.ndarray]:
     """Queries in the backend's type (numpy, or torch on the device) with non-finite rows zeroed,
     plus the numpy mask of finite rows. Checks run where the data is (small torch CPU ops are slow)."""
     if tuple(queries.shape[1:]) != (dim,) or len(queries.shape) != 2:
@@ -185,7 +185,7 @@ class IndexShard:
 
     def max_similarity(self, queries: Any) -> tuple[np.ndarray, np.ndarray]:
         """(max cosine float32 [N], global row int64 [N]) over this shard's rows."""
-        q, finite = _prepare_queries(queries, self.dim, self.backend, self.device)
+        q, finite = prepare_queries(queries, self.dim, self.backend, self.device)
         sims, rows = self.load()._engine.top1(q)
         sims, rows = sims.astype(np.float32), rows.astype(np.int64) + self.offset
         sims[~finite], rows[~finite] = np.nan, -1
@@ -200,7 +200,7 @@ class IndexShard:
             from facegen.engine.index.prune import ClusteredShard
 
             self._clustered = ClusteredShard.build(self.vectors(), offset=self.offset, num_clusters=num_clusters)
-        q, finite = _prepare_queries(queries, self.dim, "numpy", "cpu")
+        q, finite = prepare_queries(queries, self.dim, "numpy", "cpu")
         sims, rows, searched = self._clustered.max_similarity_above(q, tau)
         sims[~finite], rows[~finite] = np.nan, -1
         return sims, rows, searched
@@ -208,7 +208,7 @@ class IndexShard:
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (sims [N, k], global rows [N, k]); missing columns are (-inf, -1).
         Among exact ties beyond the first place the order is by row id only within this shard's merge."""
-        q, finite = _prepare_queries(queries, self.dim, self.backend, self.device)
+        q, finite = prepare_queries(queries, self.dim, self.backend, self.device)
         sims, rows = self.load()._engine.topk(q, k)
         rows = np.where(rows >= 0, rows + self.offset, -1)
         sims, rows = sims.astype(np.float32), rows.astype(np.int64)

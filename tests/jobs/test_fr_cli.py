@@ -124,7 +124,7 @@ def test_eval_fr_on_lfw_pairs_and_on_dataset_pairs(dataset, model, tmp_path):
     embedder = load_embedder(model)
 
     def load(name, n):
-        return torch.from_numpy(np.asarray(Image.open(lfw / name / f"{name}_{n:04d}.png"))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(Image.open(lfw / name / f"{name}_{n:04d}.png"))).permute(2, 0, 1)
 
     scores = []
     for line in lines[1:]:
