@@ -44,7 +44,7 @@ def loss_config(spec: TrainSpec, hp: Hyperparams) -> LossConfig:
         original=spec.compat == "original",
         identity_weight=ls.identity_weight if ls.identity_embedder else 0.0,
         identity_nir_weight=ls.identity_nir_weight if ls.identity_embedder else 0.0,
-        identity_blur=ls.identity_blur, noise=ls.noise)
+        identity_blur=ls.identity_blur, noise=ls.noise, nir_pair=ls.nir_pair)
 
 
 def identity_embedder(spec: TrainSpec, c_dim: int, device: torch.device):
@@ -190,7 +190,8 @@ class Trainer:
             return
         self.cur_nimg, self.batch_idx = int(state["cur_nimg"]), int(state["batch_idx"])
         self.cur_tick = int(state["cur_tick"]) + 1  # the saved tick had finished
-        load_optimizers(self.opts, state["optimizers"], start.source)
+        load_optimizers({k: v for k, v in self.opts.items() if not (start.fresh_d_nir and k == "D_NIR")},
+                        state["optimizers"], start.source)
         if self.ada is not None and state.get("ada") is not None:
             self.ada.load_state_dict(state["ada"])
         ranks = state.get("ranks") or []

@@ -3,6 +3,7 @@
     L_G    = softplus(-D(G_vis, c)) + λ_NIR · softplus(-D_NIR(G_nir))
     L_D    = softplus(D(fake)) + softplus(-D(real))                      (VIS D, conditional)
     L_DNIR = softplus(D_NIR(fake)) + softplus(-D_NIR(real))              (NIR D, unconditional)
+             D_NIR(nir) is D_NIR([nir, Y(vis)]) with `nir_pair` (Y = the VIS image's luminance)
     R1     = γ/2 · ‖∇_x D(real)‖²  on the VIS D *and* on the NIR D (lazy, every `d_reg_interval`)
     PL     = w · (‖J_vis^T n_vis + J_nir^T n_nir‖ − a)²  (one JVP of the *summed* VIS+NIR outputs)
     L_ID   = λ_ID · (1 − cos(E(G_vis), c)) + λ_ID,NIR · (1 − cos(E(G_nir), c))   (optional, facegen's)
@@ -14,6 +15,12 @@ after a short CPU run. Off (weights 0) unless an embedder is given. E sees the i
 (`identity_blur`), which has zero response at the pixel-level checkerboard: a small embedder
 over-reads such patterns, and the term should reward the face's shape, not a texture. (The speckle the
 demo generator did learn came from its noise inputs, not from this term: `noise`.)
+
+The paired NIR D (`nir_pair`, also facegen's) sees each NIR image beside the luminance of the VIS image
+it belongs to: an unpaired NIR D only asks that the NIR image look like *some* NIR face, so nothing but
+the shared synthesis layers keeps the twin aligned with its VIS image; a paired one rejects a twin whose
+detail does not match. The luminance is a condition, not what is judged: R1 penalises D_NIR's gradient
+with respect to the NIR image only.
 
 The pure functions below are the terms; `ArcBiFaceLoss.accumulate_gradients` runs one training
 phase (Gmain, Greg, Dmain, Dreg) and calls `backward()`, as StyleGAN2-ADA's `StyleGAN2Loss` does.
@@ -60,6 +67,7 @@ class LossConfig:
     identity_nir_weight: float = 0.0  # λ_ID,NIR on the NIR image, seen as grey RGB
     identity_blur: bool = True  # the embedder sees a binomial blur of the image
     noise: bool = True  # G's per-pixel noise inputs during training (False: never used, strengths stay 0)
+    nir_pair: bool = False  # the NIR D reads [NIR, luminance of the VIS image]
 
     @property
     def gamma_nir(self) -> float:
@@ -91,6 +99,15 @@ def identity_loss(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.T
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return 1 - (embed(images) * F.normalize(conditions, dim=1)).sum(dim=1, keepdim=True)
+
+
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+
+
+def nir_pair_input(nir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """[N, 1 + 1, H, W]: the NIR image and its VIS image's luminance (same [-1, 1] range)."""
+    weights = torch.tensor(LUMINANCE, device=vis.device, dtype=vis.dtype).view(1, 3, 1, 1)
+    return torch.cat([nir, (vis * weights).sum(dim=1, keepdim=True)], dim=1)
 
 
 def discriminator_fake_loss(fake_logits: torch.Tensor) -> torch.Tensor:
@@ -170,12 +187,17 @@ class ArcBiFaceLoss:
         return torch.where(layer < cutoff, ws, other)
 
     def run_D(self, vis: torch.Tensor, nir: torch.Tensor | None, c: torch.Tensor | None,
-              with_nir: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Both images go through the augment pipe together (one shared geometric transform)."""
+              with_nir: bool = True, pair_condition_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both images go through the augment pipe together (one shared geometric transform), so a
+        paired NIR D sees them aligned as G made them. `pair_condition_grad=False`: no gradient flows
+        from the NIR D into the VIS image it is paired with (R1 reads each D's own input only)."""
         if self.augment_pipe is not None:
             vis, nir = self.augment_pipe(vis, nir)
         use_nir = with_nir and self.D_nir is not None and nir is not None
-        return self.D(vis, c), (self.D_nir(nir) if use_nir else None)
+        if not use_nir:
+            return self.D(vis, c), None
+        nir_in = nir_pair_input(nir, vis if pair_condition_grad else vis.detach()) if self.config.nir_pair else nir
+        return self.D(vis, c), self.D_nir(nir_in)
 
     def accumulate_gradients(self, phase: str, real_vis: torch.Tensor, real_nir: torch.Tensor | None,
                              real_c: torch.Tensor | None, gen_z: torch.Tensor, gen_c: torch.Tensor | None,
@@ -276,7 +298,7 @@ class ArcBiFaceLoss:
             return None
         vis = real_vis.detach().requires_grad_(True)
         nir = real_nir.detach().requires_grad_(nir_r1) if real_nir is not None else None
-        logits, logits_nir = self.run_D(vis, nir, real_c, with_nir=nir_r1)
+        logits, logits_nir = self.run_D(vis, nir, real_c, with_nir=nir_r1, pair_condition_grad=False)
         pairs = ([(logits, vis, cfg.r1_gamma, "Loss/r1_penalty")] if cfg.r1_gamma != 0 else []) + (
             [(logits_nir, nir, cfg.gamma_nir, "Loss/r1_penalty_nir")] if nir_r1 else [])
         penalties = r1_penalties([p[0] for p in pairs], [p[1] for p in pairs])

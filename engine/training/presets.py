@@ -102,6 +102,11 @@ class Hyperparams:
     path_length: bool = True  # False: the preset turns path length off (cifar)
     style_mixing: bool = True  # False: the preset turns style mixing off (cifar)
     compat: str = "facegen"  # "original": the NIR D gets the original's fixed settings
+    nir_pair: bool = False  # the NIR D reads [NIR, VIS luminance] (2 channels)
+
+    @property
+    def nir_d_channels(self) -> int:
+        return 2 if self.nir_pair else 1
 
     @property
     def rounds(self) -> int:
@@ -112,7 +117,7 @@ class Hyperparams:
 
 
 def resolve(preset: str, resolution: int, num_workers: int, overrides: dict[str, Any],
-            compat: str = "facegen", gamma_nir: float | None = None) -> Hyperparams:
+            compat: str = "facegen", gamma_nir: float | None = None, nir_pair: bool = False) -> Hyperparams:
     """Preset values, then the non-None `overrides` (keys as in `Hyperparams`, plus `batch`/`kimg`).
 
     The NIR D's R1 weight is `gamma_nir` when given, else: facegen, the VIS D's (an explicit `gamma`
@@ -140,7 +145,7 @@ def resolve(preset: str, resolution: int, num_workers: int, overrides: dict[str,
         ema_kimg=o.get("ema_kimg", spec.ema_kimg), ema_rampup=rampup if rampup else None,
         num_fp16_res=0 if o.get("fp32") else 4, conv_clamp=None if o.get("fp32") else 256,
         freeze_d=o.get("freeze_d", 0), gamma_nir=gamma_nir, d_architecture="orig" if spec.cifar else "resnet",
-        path_length=not spec.cifar, style_mixing=not spec.cifar, compat=compat)
+        path_length=not spec.cifar, style_mixing=not spec.cifar, compat=compat, nir_pair=nir_pair)
     check(hp)
     return hp
 
@@ -171,7 +176,8 @@ def generator_config(hp: Hyperparams, resolution: int, c_dim: int) -> GeneratorC
 
 def discriminator_configs(hp: Hyperparams, resolution: int, c_dim: int
                           ) -> tuple[DiscriminatorConfig, DiscriminatorConfig]:
-    """(VIS D: conditional by projection, 3 channels; NIR D: unconditional, 1 channel).
+    """(VIS D: conditional by projection, 3 channels; NIR D: unconditional, 1 channel, or 2 with
+    `hp.nir_pair`: the NIR image and its VIS image's luminance).
 
     The NIR D shares the VIS D's preset, or with `hp.compat == 'original'` has the original's fixed settings.
     """
@@ -180,4 +186,4 @@ def discriminator_configs(hp: Hyperparams, resolution: int, c_dim: int
                   mbstd_group_size=hp.mbstd_group, freeze_layers=hp.freeze_d)
     nir = dict(common, **ORIGINAL_NIR_D) if hp.compat == "original" else common
     return (DiscriminatorConfig(c_dim=c_dim, img_channels=3, **common),
-            DiscriminatorConfig(c_dim=0, img_channels=1, **nir))
+            DiscriminatorConfig(c_dim=0, img_channels=hp.nir_d_channels, **nir))

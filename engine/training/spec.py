@@ -62,6 +62,10 @@ class LossSpec(_Section):
     noise: bool = Field(True, description="G's per-pixel noise inputs during training (the original: on). Off, "
                                           "they are never used and their strengths stay 0: for data without "
                                           "per-pixel stochastic detail, where a small G turns noise into speckle")
+    nir_pair: bool = Field(False, description="the NIR D judges each NIR image beside its VIS image's luminance "
+                                              "(a 2-channel input), so G learns NIR twins aligned with their VIS "
+                                              "image in detail, not only realistic ones (not in the original). "
+                                              "Resuming a run without it starts the NIR D fresh")
     g_reg_interval: int = Field(4, ge=1)
     d_reg_interval: int = Field(16, ge=1)
     identity_embedder: str | None = Field(
@@ -172,6 +176,8 @@ class TrainSpec(_Section):
                                  "'facegen'")
             if not value.noise:
                 raise ValueError("noise false: the original always trains with noise inputs; use compat 'facegen'")
+            if value.nir_pair:
+                raise ValueError("nir_pair: the original's NIR D sees the NIR image alone; use compat 'facegen'")
         return value
 
 
@@ -184,7 +190,7 @@ def resolve_hyperparams(spec: TrainSpec, resolution: int, num_workers: int | Non
     if spec.compat == "original" and spec.resume is not None:
         overrides["ema_rampup"] = 0
     return resolve(spec.config.preset, resolution, num_workers or spec.run.num_workers, overrides,
-                   compat=spec.compat, gamma_nir=spec.loss.gamma_nir)
+                   compat=spec.compat, gamma_nir=spec.loss.gamma_nir, nir_pair=spec.loss.nir_pair)
 
 
 ORIGINAL_RESUME_ADA_KIMG = 100  # the original's training.py: ADA reacts faster after any --resume

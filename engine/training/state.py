@@ -35,6 +35,7 @@ class StartPoint:
     state: dict[str, Any] | None = None  # our snapshots' state.pt
     augment_p: float | None = None
     notes: list[str] = field(default_factory=list)
+    fresh_d_nir: bool = False  # D_NIR (and its optimiser) start fresh although the rest is restored
 
 
 def fresh_networks(hp: Hyperparams, resolution: int, c_dim: int, seed: int) -> dict[str, torch.nn.Module]:
@@ -67,6 +68,12 @@ def find_start(hp: Hyperparams, resolution: int, c_dim: int, seed: int, latest_c
                 start = _from_pickle(local, resume, fresh, keep_d_nir=hp.compat != "original")
     else:
         return StartPoint("fresh", None, fresh)
+    had = start.networks["D_NIR"].img_channels
+    if start.kind != "checkpoint" and had != hp.nir_d_channels:
+        # loss.nir_pair switched on (or off) for the resumed run: the rest of the state carries over
+        start.networks["D_NIR"], start.fresh_d_nir = fresh["D_NIR"], True
+        start.notes.append(f"{start.source}: its NIR D reads {had} channel(s), loss.nir_pair "
+                           f"{'on' if hp.nir_pair else 'off'} needs {hp.nir_d_channels}; the NIR D starts fresh")
     check_compatible(start, resolution, c_dim, hp)
     return start
 
@@ -98,7 +105,7 @@ def check_compatible(start: StartPoint, resolution: int, c_dim: int, hp: Hyperpa
             raise UserError(f"{where}: {name} is {g.img_resolution}x{g.img_resolution}, c_dim {g.c_dim}, "
                             f"{g.nir_channels} NIR channel(s); the dataset needs {resolution}x{resolution}, "
                             f"c_dim {c_dim} and a NIR head")
-    for name, d, channels, want_c in (("D", D, 3, c_dim), ("D_NIR", D_nir, 1, 0)):
+    for name, d, channels, want_c in (("D", D, 3, c_dim), ("D_NIR", D_nir, hp.nir_d_channels, 0)):
         if d.img_resolution != resolution or d.img_channels != channels or d.c_dim != want_c:
             raise UserError(f"{where}: {name} takes {d.img_channels}-channel {d.img_resolution}x"
                             f"{d.img_resolution} images with c_dim {d.c_dim}; expected {channels}-channel "

@@ -285,3 +285,29 @@ def test_identity_loss_and_noiseless_training_are_not_part_of_compat_original(da
     tree = tiny_tree(data, tmp_path / "runs", compat="original", loss={"noise": False})
     with pytest.raises(UserError, match="the original always trains with noise inputs"):
         build_train_spec(tree)
+
+
+def test_paired_nir_d_trains_and_a_resumed_unpaired_run_gets_a_fresh_one(data, full_run, tmp_path):
+    full_dir, _, _, full_state = full_run
+    tree = tiny_tree(data, tmp_path, resume=str(full_dir), config={"kimg": 0.04}, loss={"nir_pair": True})
+    trainer = _trainer(tree, tmp_path / "00001-paired")
+    assert trainer.D_nir.img_channels == 2 and trainer.start.fresh_d_nir
+    assert any("its NIR D reads 1 channel(s), loss.nir_pair on needs 2; the NIR D starts fresh" in note
+               for note in trainer.start.notes)
+    assert trainer.cur_nimg == 32  # G, D, their optimisers and the counters carry over
+    for name in ("G", "D"):
+        assert all(torch.equal(t, full_state[0][name][k]) for k, t in trainer.nets[name].state_dict().items())
+    assert trainer.opts["D_NIR"].state_dict()["state"] == {} and trainer.opts["G"].state_dict()["state"]
+    assert trainer.run()["cur_nimg"] == 40
+    stats = _stats(tmp_path / "00001-paired")
+    assert stats[-1]["Loss/D_NIR/loss"]["num"] == 8
+    # its own snapshots hold the 2-channel NIR D: resuming them keeps it
+    again = _trainer(tiny_tree(data, tmp_path, resume=str(tmp_path / "00001-paired"), config={"kimg": 0.048},
+                               loss={"nir_pair": True}), tmp_path / "00002-paired")
+    assert not again.start.fresh_d_nir and again.D_nir.img_channels == 2 and again.cur_nimg == 40
+
+
+def test_paired_nir_d_is_not_part_of_compat_original(data, tmp_path):
+    tree = tiny_tree(data, tmp_path / "runs", compat="original", loss={"nir_pair": True})
+    with pytest.raises(UserError, match="nir_pair: the original's NIR D sees the NIR image alone"):
+        build_train_spec(tree)

@@ -14,6 +14,7 @@ from facegen.engine.training.loss import (
     discriminator_real_loss,
     generator_loss,
     identity_loss,
+    nir_pair_input,
     path_length_noise,
     path_length_penalty,
     path_lengths,
@@ -199,6 +200,48 @@ def test_r1_is_taken_through_the_augment_pipe_with_respect_to_the_real_images():
     assert pipe.calls == [(3, 1)]  # one call, VIS and NIR together
     assert stats["Loss/r1_penalty"][0].tolist() == [48.0, 48.0]  # (2 * 2)^2 * 3
     assert stats["Loss/r1_penalty_nir"][0].tolist() == [36.0, 36.0]  # (2 * -3)^2
+
+
+class RecordingD(LinearD):
+    """LinearD that keeps what it was shown."""
+
+    def __init__(self, a=0.0):
+        super().__init__(a)
+        self.seen = []
+
+    def forward(self, img, c=None):
+        self.seen.append(img.detach().clone())
+        return super().forward(img, c)
+
+
+def test_the_paired_nir_d_sees_the_nir_image_beside_the_vis_luminance():
+    vis = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]).view(2, 3, 1, 1)  # pure red, pure green
+    nir = torch.tensor([0.5, -0.5]).view(2, 1, 1, 1)
+    assert nir_pair_input(nir, vis).flatten().tolist() == pytest.approx([0.5, 0.299, -0.5, 0.587])
+    # Gmain: D_NIR reads [nir, Y(vis)] and its gradient reaches G through both channels.
+    z = torch.tensor([[1.0, 2.0, 2.0, 4.0], [0.0, 3.0, -4.0, -2.0]])
+    for pair in (False, True):
+        G, D_nir = StubG(), RecordingD(1.0)
+        _loss(G, LinearD(0.0), D_nir, nir_loss_weight=1.0, nir_pair=pair).accumulate_gradients(
+            "Gmain", REAL_VIS, REAL_NIR, None, z, None, gain=1)
+        fake_vis, fake_nir = z[:, :3].view(2, 3, 1, 1), z[:, 3:].view(2, 1, 1, 1)
+        expected = nir_pair_input(fake_nir, fake_vis) if pair else fake_nir
+        assert torch.equal(D_nir.seen[0], expected)
+        # d/ds of mean softplus(-D_NIR) = -mean(sigmoid(-logit) * Y(vis)) with vis = s * z[:3]; none unpaired
+        logits = expected.sum([1, 2, 3])
+        lum = nir_pair_input(fake_nir, fake_vis)[:, 1].flatten()
+        want = -(torch.sigmoid(-logits) * lum).mean().item() if pair else 0.0
+        assert G.s.grad.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_r1_of_the_paired_nir_d_is_taken_on_the_nir_image_only():
+    D, D_nir, stats = LinearD(2.0), RecordingD(-3.0), {}
+    loss = _loss(StubG(), D, D_nir, stats, r1_gamma=10.0, r1_gamma_nir=4.0, nir_pair=True)
+    loss.accumulate_gradients("Dreg", REAL_VIS, REAL_NIR, None, torch.zeros(2, 4), None, gain=1)
+    assert D_nir.seen[0].shape == (2, 2, 1, 1)
+    # as unpaired: the VIS D's penalty gets nothing from D_NIR's path through the luminance
+    assert stats["Loss/r1_penalty"][0].tolist() == [12.0, 12.0]
+    assert stats["Loss/r1_penalty_nir"][0].tolist() == [9.0, 9.0]  # (-3)^2 * 1 NIR pixel
 
 
 def test_discriminator_main_losses_and_gradients():
