@@ -107,15 +107,32 @@ def stage_features(out: Path, log: list[dict]) -> None:
             facegen("features", str(out / name), "--embedder", str(out / "embedder.safetensors"), log=log)
 
 
-def stage_generator(out: Path, log: list[dict]) -> None:
-    if (out / "generator.safetensors").exists():
-        return
-    run = run_dir(out, "demo-generator")
+# The shipped generator is a second phase on top of demo-generator.yaml's run: the same settings with
+# the paired NIR discriminator (loss.nir_pair), resumed from the first phase's last snapshot, so G,
+# D and the counters carry on and only the NIR D starts again, now judging each NIR twin beside its
+# VIS image. Its kimg counts from the start of the first phase.
+PAIRED_DESC = "demo-generator-paired"
+PAIRED_KIMG = 312.512
+
+
+def train_generator_phase(out: Path, desc: str, extra: list[str], log: list[dict]) -> Path:
+    """The run directory of one `facegen train` phase on DIR's world (trained unless it exists)."""
+    run = run_dir(out, desc)
     if run is None:
         facegen("train", str(GENERATOR_YAML), "--set", f"data.uri={out / 'world-train'}", "--set",
                 f"output.dir={out / 'runs'}", "--set", f"loss.identity_embedder={out / 'embedder.safetensors'}",
-                log=log)
-        run = run_dir(out, "demo-generator")
+                *extra, log=log)
+        run = run_dir(out, desc)
+    return run
+
+
+def stage_generator(out: Path, log: list[dict]) -> None:
+    if (out / "generator.safetensors").exists():
+        return
+    first = train_generator_phase(out, "demo-generator", [], log)
+    run = train_generator_phase(out, PAIRED_DESC, [
+        "--set", "loss.nir_pair=true", "--set", f"config.kimg={PAIRED_KIMG}", "--set", f"output.desc={PAIRED_DESC}",
+        "--set", f"resume={first}"], log)
     # the last complete snapshot (state.pt is written last); a run with `config.kimg: K` ends with K's
     snapshot = sorted(p.parent for p in run.glob("network-snapshot-*/state.pt"))[-1]
     shutil.copyfile(snapshot / "G_ema.safetensors", out / "generator.safetensors")
@@ -183,6 +200,8 @@ def measure_models(embedder_path: Path, generator_path: Path | None, world: dict
         "other_condition_similarity": float(similarity[~same & ~np.eye(len(which), dtype=bool)].mean()),
         "nir_alignment": measure.nir_alignment(fake_vis, fake_nir),
         "nir_alignment_world": measure.nir_alignment(small, small_nir),
+        "sample_variation": measure.sample_variation(fake_vis, which),
+        "sample_variation_world": measure.sample_variation(small, ids),
     }
     detector = yunet_detector() if detect else None
     if detector is not None:

@@ -110,6 +110,21 @@ def nir_alignment(vis: np.ndarray, nir: np.ndarray) -> dict:
             "mean_correlation_other_sample": float(other.mean())}
 
 
+def sample_variation(vis: np.ndarray, which: np.ndarray) -> dict:
+    """How much the samples of one identity differ: the per-pixel standard deviation (grey levels,
+    0-255) over each identity's samples, averaged over pixels and identities; for the whole image and
+    for its central half (where the face is, without most of the background)."""
+    grey = vis.astype(np.float32).mean(-1) if vis.ndim == 4 else vis.astype(np.float32)
+    size = grey.shape[1]
+    centre = slice(size // 4, size - size // 4)
+    whole, middle = [], []
+    for label in np.unique(which):
+        spread = grey[which == label].std(axis=0)
+        whole.append(spread.mean())
+        middle.append(spread[centre, centre].mean())
+    return {"whole": float(np.mean(whole)), "centre": float(np.mean(middle))}
+
+
 def face_detection_rate(vis: np.ndarray, detect: Callable[[np.ndarray], np.ndarray], size: int = 112,
                         min_score: float = 0.5) -> float:
     """Share of images with a face scored above `min_score`, each upscaled (bicubic) to `size` first."""

@@ -245,3 +245,13 @@ def test_ctrl_c_stops_a_render_and_a_rerun_completes_it_byte_identically(tmp_pat
     assert main(["world", "render", str(out), *args]) == 0
     assert main(["world", "render", str(tmp_path / "whole"), *args]) == 0
     assert tree_digests(out) == tree_digests(tmp_path / "whole")
+
+
+def test_sample_variation_is_the_per_pixel_spread_within_each_identity():
+    from facegen.engine.world.measure import sample_variation
+
+    images = np.zeros((4, 4, 4, 3), np.uint8)
+    images[1] = 10  # identity 0: 0 and 10 everywhere -> spread 5
+    images[3, 1:3, 1:3] = 40  # identity 1: differs only in the central half, by 40 -> spread 20 there
+    figures = sample_variation(images, np.array([0, 0, 1, 1]))
+    assert figures == {"whole": pytest.approx((5 + 20 * 4 / 16) / 2), "centre": pytest.approx((5 + 20) / 2)}

@@ -82,5 +82,7 @@ def test_generator_figures_in_demo_json_are_reproduced_from_the_shipped_files():
         assert measured[key]["mean_own_similarity"] == pytest.approx(probe[key]["mean_own_similarity"], abs=1e-3)
     assert measured["nir_alignment"]["mean_correlation"] == pytest.approx(
         probe["nir_alignment"]["mean_correlation"], abs=1e-3)
+    for key in ("whole", "centre"):
+        assert measured["sample_variation"][key] == pytest.approx(probe["sample_variation"][key], abs=0.05)
     # the samples of different identities are not one picture
     assert measured["other_condition_similarity"] < 0.99
