@@ -315,7 +315,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"(rejected: {_counts(samples['rejected'])})",
         f"privacy: {privacy_rejected} candidates rejected as too close to an enrolled person "
         f"({ids['proposal_verdicts'].get('privacy', 0)} anchors, {samples['rejected'].get('privacy', 0)} samples); "
-        f"max real similarity {cert['max_real_similarity']:.4f} vs threshold {cert['threshold']:.4f} "
+        f"max real similarity {cert['max_real_similarity']:.6f} vs threshold {cert['threshold']:.6f} "
         f"({cert.get('threshold_source', 'given')}); {cert['violations']} violations; "
         f"{certificate_headline(cert)[1].split(':')[0]}",
         f"throughput: {timing['samples_per_s']:.2f} samples/s, {timing['candidates_per_s']:.2f} candidates/s "

@@ -63,7 +63,7 @@ def test_summary_states_what_happened(first):
     summary = {line.split(":")[0]: line for line in lines}
     assert f"identities: 24 of 24 accepted from {ids['proposed']} proposals" in summary["identities"]
     assert f"privacy {samples['rejected']['privacy']}" in summary["samples"]
-    assert (f"max real similarity {cert['max_real_similarity']:.4f} vs threshold {cert['threshold']:.4f}"
+    assert (f"max real similarity {cert['max_real_similarity']:.6f} vs threshold {cert['threshold']:.6f}"
             in summary["privacy"])
     assert "0 violations; CERTIFIED (VIS and NIR)" in summary["privacy"]
     rejected = (ids["proposal_verdicts"].get("privacy", 0), samples["rejected"].get("privacy", 0))
