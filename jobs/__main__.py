@@ -1,5 +1,3 @@
-import sys
+from facegen.jobs.cli import run
 
-from facegen.jobs.cli import main
-
-sys.exit(main())
+run()
