@@ -55,7 +55,7 @@ def test_dockerfile_pins_what_pyproject_allows():
 
 
 def test_entrypoint_is_the_facegen_command_and_launchers_override_it():
-    assert PYPROJECT["project"]["scripts"]["facegen"] == "facegen.jobs.cli:main"
+    assert PYPROJECT["project"]["scripts"]["facegen"] == "facegen.jobs.cli:run"
     assert 'ENTRYPOINT ["/usr/bin/tini", "--", "facegen"]' in DOCKERFILE
     for name in ("aws.yaml", "gcp.yaml"):
         assert "--entrypoint ''" in load(name)[0]["docker"]["run_options"]
