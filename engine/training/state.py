@@ -37,6 +37,11 @@ class StartPoint:
     notes: list[str] = field(default_factory=list)
     fresh_d_nir: bool = False  # D_NIR (and its optimiser) start fresh although the rest is restored
 
+    def restart_d_nir(self, fresh: torch.nn.Module, why: str) -> None:
+        """Train a fresh NIR D (no optimiser state for it either); `why` goes into the run's log."""
+        self.networks["D_NIR"], self.fresh_d_nir = fresh, True
+        self.notes.append(f"{self.source}: {why}")
+
 
 def fresh_networks(hp: Hyperparams, resolution: int, c_dim: int, seed: int) -> dict[str, torch.nn.Module]:
     """Seeded initialisation, identical on every rank (no broadcast needed)."""
@@ -71,9 +76,8 @@ def find_start(hp: Hyperparams, resolution: int, c_dim: int, seed: int, latest_c
     had = start.networks["D_NIR"].img_channels
     if start.kind != "checkpoint" and had != hp.nir_d_channels:
         # loss.nir_pair switched on (or off) for the resumed run: the rest of the state carries over
-        start.networks["D_NIR"], start.fresh_d_nir = fresh["D_NIR"], True
-        start.notes.append(f"{start.source}: its NIR D reads {had} channel(s), loss.nir_pair "
-                           f"{'on' if hp.nir_pair else 'off'} needs {hp.nir_d_channels}; the NIR D starts fresh")
+        start.restart_d_nir(fresh["D_NIR"], f"its NIR D reads {had} channel(s), loss.nir_pair "
+                            f"{'on' if hp.nir_pair else 'off'} needs {hp.nir_d_channels}; the NIR D starts fresh")
     check_compatible(start, resolution, c_dim, hp)
     return start
 
@@ -83,12 +87,10 @@ def _from_pickle(path: str, source: str, fresh: dict[str, torch.nn.Module], keep
     networks = {name: loaded[name] for name in ("G", "G_ema", "D")}
     start = StartPoint("pkl", source, networks, None, loaded.get("augment_p"))
     if not keep_d_nir:
-        networks["D_NIR"] = fresh["D_NIR"]
-        start.notes.append(f"{source}: compat 'original': the NIR D starts fresh (the original resumes G, D "
-                           f"and G_ema only)")
+        start.restart_d_nir(fresh["D_NIR"], "compat 'original': the NIR D starts fresh (the original resumes G, "
+                            "D and G_ema only)")
     elif loaded.get("D_NIR") is None:
-        networks["D_NIR"] = fresh["D_NIR"]
-        start.notes.append(f"{source}: no D_NIR in the pickle (plain StyleGAN2-ADA); the NIR D starts fresh")
+        start.restart_d_nir(fresh["D_NIR"], "no D_NIR in the pickle (plain StyleGAN2-ADA); the NIR D starts fresh")
     else:
         networks["D_NIR"] = loaded["D_NIR"]
     start.notes.append(f"{source}: an original pickle holds no optimiser state or kimg; training counts from 0")
