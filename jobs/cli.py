@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import signal
@@ -82,15 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `facegen` command: `main()`, then exit with its code. An interrupted command has already
-    cleaned up (its `finally` blocks ran and it printed where it stopped), so it leaves with
-    `os._exit`: native libraries' exit-time destructors then cannot abort it during shutdown (seen
+    cleaned up (its `finally` blocks ran and it printed where it stopped), so after Python's exit
+    hooks it leaves with `os._exit`: native libraries' exit-time destructors then cannot abort it (seen
     about once in ten interrupted runs: "terminate called without an active exception", exit -6
     instead of 130)."""
     code = main()
     if code == 130:
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()  # an embedded cluster this driver started stops with it (exit-time hooks are skipped)
+        atexit._run_exitfuncs()  # Python's own exit hooks still run (Ray stops the cluster this driver started)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
