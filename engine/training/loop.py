@@ -44,7 +44,8 @@ def loss_config(spec: TrainSpec, hp: Hyperparams) -> LossConfig:
         original=spec.compat == "original",
         identity_weight=ls.identity_weight if ls.identity_embedder else 0.0,
         identity_nir_weight=ls.identity_nir_weight if ls.identity_embedder else 0.0,
-        identity_blur=ls.identity_blur, noise=ls.noise, nir_pair=ls.nir_pair)
+        identity_blur=ls.identity_blur, noise=ls.noise, nir_pair=ls.nir_pair,
+        diversity_weight=ls.diversity_weight, diversity_target=ls.diversity_target)
 
 
 def identity_embedder(spec: TrainSpec, c_dim: int, device: torch.device):

@@ -7,6 +7,7 @@
     R1     = γ/2 · ‖∇_x D(real)‖²  on the VIS D *and* on the NIR D (lazy, every `d_reg_interval`)
     PL     = w · (‖J_vis^T n_vis + J_nir^T n_nir‖ − a)²  (one JVP of the *summed* VIS+NIR outputs)
     L_ID   = λ_ID · (1 − cos(E(G_vis), c)) + λ_ID,NIR · (1 − cos(E(G_nir), c))   (optional, facegen's)
+    L_DIV  = λ_DIV · max(0, τ − d(G(z₁, c), G(z₂, c)) / d(z₁, z₂))                (optional, facegen's)
 
 The identity term is not the original's: with a frozen face embedder E (the one whose features are the
 conditions c), it pulls every sample straight towards its condition's identity instead of waiting for
@@ -15,6 +16,13 @@ after a short CPU run. Off (weights 0) unless an embedder is given. E sees the i
 (`identity_blur`), which has zero response at the pixel-level checkerboard: a small embedder
 over-reads such patterns, and the term should reward the face's shape, not a texture. (The speckle the
 demo generator did learn came from its noise inputs, not from this term: `noise`.)
+
+The diversity term (`diversity_weight`, also facegen's) asks two samples of one condition to differ
+in proportion to their latents: G's step pairs its batch (rows i and i + N/2 get the same condition)
+and penalises each pair whose mean absolute VIS difference over the image's central half (where the
+face is) is less than τ times the mean absolute difference of their z. A single-image D cannot see
+that every sample of a condition looks alike, and the identity term rewards exactly that; this hinge
+makes z carry pose, expression and lighting, and stops pushing once a pair differs by τ.
 
 The paired NIR D (`nir_pair`, also facegen's) sees each NIR image beside the luminance of the VIS image
 it belongs to: an unpaired NIR D only asks that the NIR image look like *some* NIR face, so nothing but
@@ -68,6 +76,8 @@ class LossConfig:
     identity_blur: bool = True  # the embedder sees a binomial blur of the image
     noise: bool = True  # G's per-pixel noise inputs during training (False: never used, strengths stay 0)
     nir_pair: bool = False  # the NIR D reads [NIR, luminance of the VIS image]
+    diversity_weight: float = 0.0  # λ_DIV: samples of one condition must differ with their z
+    diversity_target: float = 0.1  # τ: the image/latent distance ratio a pair is pushed up to
 
     @property
     def gamma_nir(self) -> float:
@@ -99,6 +109,22 @@ def identity_loss(embed: Callable[[torch.Tensor], torch.Tensor], images: torch.T
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     return 1 - (embed(images) * F.normalize(conditions, dim=1)).sum(dim=1, keepdim=True)
+
+
+def paired_conditions(c: torch.Tensor) -> torch.Tensor:
+    """Rows i and i + N//2 share row i's condition (an odd last row keeps its own)."""
+    half = c.shape[0] // 2
+    return torch.cat([c[:half], c[:half], c[2 * half:]])
+
+
+def diversity_loss(images: torch.Tensor, z: torch.Tensor, target: float) -> torch.Tensor:
+    """Per pair (rows i, i + N//2): max(0, τ − mean|Δ image| / mean|Δ z|), the image difference over
+    the central half of each side."""
+    half, size = images.shape[0] // 2, images.shape[-1]
+    centre = images[:, :, size // 4:size - size // 4, size // 4:size - size // 4]
+    image_gap = (centre[:half] - centre[half:2 * half]).abs().mean(dim=[1, 2, 3])
+    latent_gap = (z[:half] - z[half:2 * half]).abs().mean(dim=1)
+    return F.relu(target - image_gap / latent_gap).unsqueeze(1)
 
 
 LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
@@ -228,10 +254,17 @@ class ArcBiFaceLoss:
             self.G.mapping(z, c, update_emas=True)
 
     def _generator_main(self, z: torch.Tensor, c: torch.Tensor | None, gain: float) -> None:
+        diverse = self.config.diversity_weight != 0 and z.shape[0] >= 2
+        if diverse and c is not None:
+            c = paired_conditions(c)
         vis, nir, _ = self.run_G(z, c)
         logits, logits_nir = self.run_D(vis, nir, c)
         loss = generator_loss(logits, logits_nir, self.config.nir_loss_weight)
         loss = loss + self._identity_terms(vis, nir, c)
+        if diverse:
+            term = diversity_loss(vis, z, self.config.diversity_target)
+            self.stat("Loss/G/diversity", term)
+            loss = loss + self.config.diversity_weight * term.mean()
         self.stat("Loss/scores/fake", logits)
         if logits_nir is not None:
             self.stat("Loss/scores/fake_nir", logits_nir)

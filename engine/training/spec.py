@@ -66,6 +66,13 @@ class LossSpec(_Section):
                                               "(a 2-channel input), so G learns NIR twins aligned with their VIS "
                                               "image in detail, not only realistic ones (not in the original). "
                                               "Resuming a run without it starts the NIR D fresh")
+    diversity_weight: float = Field(0.0, ge=0, description="λ_DIV: G's step pairs samples that share a condition "
+                                                           "and penalises a pair whose face regions differ less "
+                                                           "than diversity_target times their latents do, so z "
+                                                           "carries pose and expression (not in the original; 0 = "
+                                                           "off)")
+    diversity_target: float = Field(0.1, gt=0, description="τ: the mean |Δ image| / mean |Δ z| a pair is pushed up "
+                                                           "to (images in [-1, 1], central half)")
     g_reg_interval: int = Field(4, ge=1)
     d_reg_interval: int = Field(16, ge=1)
     identity_embedder: str | None = Field(
@@ -178,6 +185,9 @@ class TrainSpec(_Section):
                 raise ValueError("noise false: the original always trains with noise inputs; use compat 'facegen'")
             if value.nir_pair:
                 raise ValueError("nir_pair: the original's NIR D sees the NIR image alone; use compat 'facegen'")
+            if value.diversity_weight:
+                raise ValueError("diversity_weight adds a loss the original never had; set it to 0 or use compat "
+                                 "'facegen'")
         return value
 
 

@@ -256,10 +256,11 @@ def _tiny_embedder(path, dim):
                        path)
 
 
-def test_identity_loss_trains_through_a_frozen_embedder(data, tmp_path):
+def test_identity_and_diversity_losses_train_through_a_frozen_embedder(data, tmp_path):
     embedder = _tiny_embedder(tmp_path / "embedder.safetensors", 8)
     run_dir = tmp_path / "runs" / "00000-identity"
-    tree = tiny_tree(data, run_dir.parent, loss={"identity_embedder": str(embedder), "identity_nir_weight": 0.5})
+    tree = tiny_tree(data, run_dir.parent, loss={"identity_embedder": str(embedder), "identity_nir_weight": 0.5,
+                                                 "diversity_weight": 1.0, "diversity_target": 5.0})
     trainer = _trainer(tree, run_dir)
     before = {n: t.clone() for n, t in trainer.loss.identity.__self__.module.state_dict().items()}
     trainer.run()
@@ -267,6 +268,9 @@ def test_identity_loss_trains_through_a_frozen_embedder(data, tmp_path):
     assert [e["Loss/G/identity_vis"]["num"] for e in stats] == [4, 8, 8, 8, 4]
     assert [e["Loss/G/identity_nir"]["num"] for e in stats] == [4, 8, 8, 8, 4]
     assert all(0 <= e["Loss/G/identity_vis"]["mean"] <= 2 for e in stats)
+    # one hinge per pair of samples that share a condition; a target this high is never reached
+    assert [e["Loss/G/diversity"]["num"] for e in stats] == [2, 4, 4, 4, 2]
+    assert all(0 < e["Loss/G/diversity"]["mean"] < 5 for e in stats)
     after = trainer.loss.identity.__self__.module.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)  # the embedder stays frozen
 
@@ -284,6 +288,9 @@ def test_identity_loss_and_noiseless_training_are_not_part_of_compat_original(da
         build_train_spec(tree)
     tree = tiny_tree(data, tmp_path / "runs", compat="original", loss={"noise": False})
     with pytest.raises(UserError, match="the original always trains with noise inputs"):
+        build_train_spec(tree)
+    tree = tiny_tree(data, tmp_path / "runs", compat="original", loss={"diversity_weight": 1.0})
+    with pytest.raises(UserError, match="diversity_weight adds a loss the original never had"):
         build_train_spec(tree)
 
 

@@ -12,9 +12,11 @@ from facegen.engine.training.loss import (
     binomial_blur,
     discriminator_fake_loss,
     discriminator_real_loss,
+    diversity_loss,
     generator_loss,
     identity_loss,
     nir_pair_input,
+    paired_conditions,
     path_length_noise,
     path_length_penalty,
     path_lengths,
@@ -172,6 +174,44 @@ def test_generator_main_adds_the_weighted_identity_terms(weights):
     assert stats["Loss/G/loss"][0].flatten().tolist() == pytest.approx(expected.tolist(), rel=1e-6)
     assert ("Loss/G/identity_vis" in stats) == (w_vis != 0)
     assert ("Loss/G/identity_nir" in stats) == (w_nir != 0)
+
+
+def test_paired_conditions_give_row_i_and_i_plus_half_one_condition():
+    c = torch.arange(10.0).view(5, 2)
+    assert paired_conditions(c).tolist() == [[0, 1], [2, 3], [0, 1], [2, 3], [8, 9]]
+    assert paired_conditions(c[:4]).tolist() == [[0, 1], [2, 3], [0, 1], [2, 3]]
+
+
+def test_diversity_loss_reads_the_central_half_and_scales_by_the_latent_gap():
+    images = torch.zeros(4, 1, 4, 4)
+    images[2, 0, 1:3, 1:3] = 0.2  # pair (0, 2): centre differs by 0.2 everywhere
+    images[2, 0, 0, :] = 9.0  # outside the central half: ignored
+    images[3, 0, 1, 1] = 0.4  # pair (1, 3): one of four centre pixels differs by 0.4
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, -1.0], [1.0, 1.5]])  # latent gaps 1 and 0.25
+    # ratios 0.2 / 1 = 0.2 and 0.1 / 0.25 = 0.4
+    assert diversity_loss(images, z, 0.3).flatten().tolist() == pytest.approx([0.1, 0.0])
+    assert diversity_loss(images, z, 0.5).flatten().tolist() == pytest.approx([0.3, 0.1])
+
+
+def test_generator_main_pairs_conditions_and_adds_the_diversity_hinge():
+    z = torch.tensor([[1.0, 2.0, 2.0, 4.0], [0.0, 3.0, -4.0, -2.0], [1.0, 2.0, 3.0, 1.0], [0.0, 3.0, -4.0, 6.0]])
+    c = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, -0.8], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    stats, G = {}, StubG()
+    loss = _loss(G, LinearD(0.0), LinearD(0.0), stats, identity=_flat_unit, nir_loss_weight=0.1,
+                 identity_weight=1.0, diversity_weight=2.0, diversity_target=0.5)
+    loss.accumulate_gradients("Gmain", REAL_VIS, REAL_NIR, None, z, c, gain=1)
+    # pair (0, 2): |Δ vis| = (0, 0, 1) -> 1/3, |Δ z| mean 1 -> ratio 1/3, hinge 1/6; pair (1, 3) identical
+    # images (ratio 0), hinge 0.5; their mean 1/3, times λ 2, on every sample's loss
+    assert stats["Loss/G/diversity"][0].flatten().tolist() == pytest.approx([1 / 6, 0.5])
+    # the identity term saw rows 2, 3 with rows 0, 1's conditions: cos(vis_2, c_0) = 1/sqrt(14)
+    cos_vis = torch.tensor([1 / 3, 1.0, 1 / math.sqrt(14), 1.0])
+    expected = 1.1 * LN2 + (1 - cos_vis) + 2.0 / 3
+    assert stats["Loss/G/loss"][0].flatten().tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    # the hinge's gradient reaches G: d/ds of λ mean(τ − s|Δ|/|Δz|) over the pairs = −2 * (1/3 + 0) / 2
+    without = _loss(StubG(), LinearD(0.0), LinearD(0.0), identity=_flat_unit, nir_loss_weight=0.1,
+                    identity_weight=1.0)
+    without.accumulate_gradients("Gmain", REAL_VIS, REAL_NIR, None, z, paired_conditions(c), gain=1)
+    assert G.s.grad.item() - without.G.s.grad.item() == pytest.approx(-1 / 3, abs=1e-6)
 
 
 REAL_VIS = torch.tensor([1.0, 2.0, 3.0, -1.0, 0.0, 0.5]).view(2, 3, 1, 1)
