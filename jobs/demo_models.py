@@ -102,37 +102,24 @@ def stage_evaluate(out: Path, log: list[dict]) -> dict:
 
 
 def stage_features(out: Path, log: list[dict]) -> None:
-    for name in ("world-train", "world-test"):
+    """The generator's conditions: every training image gets its identity's medoid feature (`--mode
+    one`), so a condition says who, never which pose; the held-out population keeps per-image features
+    (the figures condition on each identity's first image)."""
+    for name, mode in (("world-train", "one"), ("world-test", "all")):
         if not (out / name / "identity_features.json").exists():
-            facegen("features", str(out / name), "--embedder", str(out / "embedder.safetensors"), log=log)
-
-
-# The shipped generator is a second phase on top of demo-generator.yaml's run: the same settings with
-# the paired NIR discriminator (loss.nir_pair), resumed from the first phase's last snapshot, so G,
-# D and the counters carry on and only the NIR D starts again, now judging each NIR twin beside its
-# VIS image. Its kimg counts from the start of the first phase.
-PAIRED_DESC = "demo-generator-paired"
-PAIRED_KIMG = 312.512
-
-
-def train_generator_phase(out: Path, desc: str, extra: list[str], log: list[dict]) -> Path:
-    """The run directory of one `facegen train` phase on DIR's world (trained unless it exists)."""
-    run = run_dir(out, desc)
-    if run is None:
-        facegen("train", str(GENERATOR_YAML), "--set", f"data.uri={out / 'world-train'}", "--set",
-                f"output.dir={out / 'runs'}", "--set", f"loss.identity_embedder={out / 'embedder.safetensors'}",
-                *extra, log=log)
-        run = run_dir(out, desc)
-    return run
+            facegen("features", str(out / name), "--embedder", str(out / "embedder.safetensors"), "--mode", mode,
+                    log=log)
 
 
 def stage_generator(out: Path, log: list[dict]) -> None:
     if (out / "generator.safetensors").exists():
         return
-    first = train_generator_phase(out, "demo-generator", [], log)
-    run = train_generator_phase(out, PAIRED_DESC, [
-        "--set", "loss.nir_pair=true", "--set", f"config.kimg={PAIRED_KIMG}", "--set", f"output.desc={PAIRED_DESC}",
-        "--set", f"resume={first}"], log)
+    run = run_dir(out, "demo-generator")
+    if run is None:
+        facegen("train", str(GENERATOR_YAML), "--set", f"data.uri={out / 'world-train'}", "--set",
+                f"output.dir={out / 'runs'}", "--set", f"loss.identity_embedder={out / 'embedder.safetensors'}",
+                log=log)
+        run = run_dir(out, "demo-generator")
     # the last complete snapshot (state.pt is written last); a run with `config.kimg: K` ends with K's
     snapshot = sorted(p.parent for p in run.glob("network-snapshot-*/state.pt"))[-1]
     shutil.copyfile(snapshot / "G_ema.safetensors", out / "generator.safetensors")
