@@ -194,6 +194,8 @@ def measure_models(embedder_path: Path, generator_path: Path | None, world: dict
     if detector is not None:
         generated["face_detection_rate"] = measure.face_detection_rate(fake_vis, detector)
         generated["face_detection_rate_world"] = measure.face_detection_rate(small, detector)
+        generated["pose_variation"] = measure.pose_variation(fake_vis, which, detector)
+        generated["pose_variation_world"] = measure.pose_variation(small, ids, detector)
     facts["generator"] = generated
     return facts
 

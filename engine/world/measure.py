@@ -125,6 +125,35 @@ def sample_variation(vis: np.ndarray, which: np.ndarray) -> dict:
     return {"whole": float(np.mean(whole)), "centre": float(np.mean(middle))}
 
 
+def pose_variation(vis: np.ndarray, which: np.ndarray, detect: Callable[[np.ndarray], np.ndarray],
+                   size: int = 112, min_score: float = 0.5) -> dict:
+    """How much the head pose of one identity's samples varies, from YuNet's five landmarks (images
+    upscaled to `size` first): per identity, the standard deviation of the eye line's angle (roll,
+    degrees) and of the landmarks' centre (shift, in the image's own pixels), averaged over the
+    identities with at least two detected faces. Unlike `sample_variation`, background and lighting
+    do not count."""
+    rolls: dict[int, list[float]] = {}
+    centres: dict[int, list[np.ndarray]] = {}
+    for image, label in zip(vis, which):
+        big = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+        rows = detect(big)
+        rows = rows[rows[:, 14] > min_score]
+        if not len(rows):
+            continue
+        best = rows[np.argmax(rows[:, 14])]
+        points = best[4:14].reshape(5, 2) * (image.shape[1] / size)
+        (right_x, right_y), (left_x, left_y) = points[0], points[1]
+        rolls.setdefault(int(label), []).append(float(np.degrees(np.arctan2(left_y - right_y, left_x - right_x))))
+        centres.setdefault(int(label), []).append(points.mean(axis=0))
+    kept = [label for label, values in rolls.items() if len(values) >= 2]
+    return {
+        "roll_degrees": float(np.mean([np.std(rolls[k]) for k in kept])) if kept else float("nan"),
+        "shift_pixels": float(np.mean([np.linalg.norm(np.std(centres[k], axis=0)) for k in kept]))
+        if kept else float("nan"),
+        "identities": len(kept),
+    }
+
+
 def face_detection_rate(vis: np.ndarray, detect: Callable[[np.ndarray], np.ndarray], size: int = 112,
                         min_score: float = 0.5) -> float:
     """Share of images with a face scored above `min_score`, each upscaled (bicubic) to `size` first."""

@@ -255,3 +255,31 @@ def test_sample_variation_is_the_per_pixel_spread_within_each_identity():
     images[3, 1:3, 1:3] = 40  # identity 1: differs only in the central half, by 40 -> spread 20 there
     figures = sample_variation(images, np.array([0, 0, 1, 1]))
     assert figures == {"whole": pytest.approx((5 + 20 * 4 / 16) / 2), "centre": pytest.approx((5 + 20) / 2)}
+
+
+def test_pose_variation_is_the_spread_of_roll_and_landmark_centre_within_each_identity():
+    from facegen.engine.world.measure import pose_variation
+
+    def row(right, left, score=0.9):
+        """A YuNet row: eyes at `right`, `left`; nose and mouth corners on the eyes' centre."""
+        centre = ((right[0] + left[0]) / 2, (right[1] + left[1]) / 2)
+        return [0, 0, 10, 10, *right, *left, *centre, *centre, *centre, score]
+
+    faces = {  # the detector reads which face to report from the image's first pixel
+        1: [row((40, 50), (60, 50))],  # roll 0, centre (50, 50)
+        2: [row((40, 50), (60, 70)), row((0, 0), (1, 1), score=0.2)],  # roll 45, centre (50, 60); a weak extra
+        3: [row((10, 10), (20, 10))],  # identity 1's only face: not enough for a spread
+        4: [],
+    }
+
+    def detect(image):
+        return np.asarray(faces[int(image[0, 0, 0])], np.float32).reshape(-1, 15)
+
+    images = np.zeros((5, 112, 112, 3), np.uint8)
+    for i, key in enumerate((1, 2, 3, 4, 4)):
+        images[i] = key
+    figures = pose_variation(images, np.array([0, 0, 1, 1, 1]), detect, size=112)
+    assert figures["identities"] == 1
+    assert figures["roll_degrees"] == pytest.approx(22.5)
+    # centres (50, 50) and (50, 60): std 5 in y, 0 in x
+    assert figures["shift_pixels"] == pytest.approx(5.0, abs=1e-4)
