@@ -192,10 +192,11 @@ def measure_models(embedder_path: Path, generator_path: Path | None, world: dict
     }
     detector = yunet_detector() if detect else None
     if detector is not None:
-        generated["face_detection_rate"] = measure.face_detection_rate(fake_vis, detector)
-        generated["face_detection_rate_world"] = measure.face_detection_rate(small, detector)
-        generated["pose_variation"] = measure.pose_variation(fake_vis, which, detector)
-        generated["pose_variation_world"] = measure.pose_variation(small, ids, detector)
+        fake_faces, world_faces = measure.best_faces(fake_vis, detector), measure.best_faces(small, detector)
+        generated["face_detection_rate"] = measure.face_detection_rate(fake_faces)
+        generated["face_detection_rate_world"] = measure.face_detection_rate(world_faces)
+        generated["pose_variation"] = measure.pose_variation(fake_faces, which)
+        generated["pose_variation_world"] = measure.pose_variation(world_faces, ids)
     facts["generator"] = generated
     return facts
 

@@ -8,7 +8,9 @@
   (chance: 1 / identities); the same for the NIR twins against the real NIR images.
 - `nir_alignment`: VIS luminance and NIR edge maps agree best at zero shift when the twin is aligned.
 - `face_detection_rate`: the share of images in which a real face detector (OpenCV's YuNet, trained on
-  photos) finds a face, on images upscaled to its working size.
+  photos) finds a face, on images upscaled to its working size (`best_faces`, one detector pass).
+- `sample_variation`, `pose_variation`: how much one identity's samples differ, per pixel and by the
+  detector's landmarks.
 """
 
 from __future__ import annotations
@@ -125,41 +127,41 @@ def sample_variation(vis: np.ndarray, which: np.ndarray) -> dict:
     return {"whole": float(np.mean(whole)), "centre": float(np.mean(middle))}
 
 
-def pose_variation(vis: np.ndarray, which: np.ndarray, detect: Callable[[np.ndarray], np.ndarray],
-                   size: int = 112, min_score: float = 0.5) -> dict:
-    """How much the head pose of one identity's samples varies, from YuNet's five landmarks (images
-    upscaled to `size` first): per identity, the standard deviation of the eye line's angle (roll,
-    degrees) and of the landmarks' centre (shift, in the image's own pixels), averaged over the
-    identities with at least two detected faces. Unlike `sample_variation`, background and lighting
-    do not count."""
-    rolls: dict[int, list[float]] = {}
-    centres: dict[int, list[np.ndarray]] = {}
-    for image, label in zip(vis, which):
-        big = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-        rows = detect(big)
-        rows = rows[rows[:, 14] > min_score]
-        if not len(rows):
-            continue
-        best = rows[np.argmax(rows[:, 14])]
-        points = best[4:14].reshape(5, 2) * (image.shape[1] / size)
-        (right_x, right_y), (left_x, left_y) = points[0], points[1]
-        rolls.setdefault(int(label), []).append(float(np.degrees(np.arctan2(left_y - right_y, left_x - right_x))))
-        centres.setdefault(int(label), []).append(points.mean(axis=0))
-    kept = [label for label, values in rolls.items() if len(values) >= 2]
+def best_faces(vis: np.ndarray, detect: Callable[[np.ndarray], np.ndarray], size: int = 112,
+               min_score: float = 0.5) -> np.ndarray:
+    """[N, 15] YuNet rows, the best-scored face of each image (upscaled, bicubic, to `size` for the
+    detector), with box and landmarks in the image's own pixels; NaN where no face scores above
+    `min_score`."""
+    faces = np.full((len(vis), 15), np.nan, np.float32)
+    for i, image in enumerate(vis):  # OpenCV's detector takes one image per call
+        rows = detect(np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC)))
+        if len(rows) and rows[:, 14].max() > min_score:
+            faces[i] = rows[np.argmax(rows[:, 14])]
+    faces[:, :14] *= vis.shape[2] / size
+    return faces
+
+
+def face_detection_rate(faces: np.ndarray) -> float:
+    """Share of images with a face (`best_faces` rows)."""
+    return float(np.isfinite(faces[:, 14]).mean())
+
+
+def pose_variation(faces: np.ndarray, which: np.ndarray) -> dict:
+    """How much the head pose of one identity's samples varies, from the five landmarks of
+    `best_faces`: per identity, the standard deviation of the eye line's angle (roll, degrees) and of
+    the landmarks' centre (shift, in the image's own pixels), averaged over the identities with at
+    least two detected faces. Unlike `sample_variation`, background and lighting do not count."""
+    found = np.isfinite(faces[:, 14])
+    points = faces[found, 4:14].reshape(-1, 5, 2).astype(np.float64)
+    eyes = points[:, 1] - points[:, 0]
+    roll = np.degrees(np.arctan2(eyes[:, 1], eyes[:, 0]))
+    centre = points.mean(axis=1)
+    labels = np.asarray(which)[found]
+    kept = [label for label in np.unique(labels) if (labels == label).sum() >= 2]
+    if not kept:
+        return {"roll_degrees": float("nan"), "shift_pixels": float("nan"), "identities": 0}
     return {
-        "roll_degrees": float(np.mean([np.std(rolls[k]) for k in kept])) if kept else float("nan"),
-        "shift_pixels": float(np.mean([np.linalg.norm(np.std(centres[k], axis=0)) for k in kept]))
-        if kept else float("nan"),
+        "roll_degrees": float(np.mean([roll[labels == k].std() for k in kept])),
+        "shift_pixels": float(np.mean([np.linalg.norm(centre[labels == k].std(axis=0)) for k in kept])),
         "identities": len(kept),
     }
-
-
-def face_detection_rate(vis: np.ndarray, detect: Callable[[np.ndarray], np.ndarray], size: int = 112,
-                        min_score: float = 0.5) -> float:
-    """Share of images with a face scored above `min_score`, each upscaled (bicubic) to `size` first."""
-    found = []
-    for image in vis:
-        big = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-        rows = detect(big)
-        found.append(bool(len(rows)) and float(rows[:, 14].max()) > min_score)
-    return float(np.mean(found))

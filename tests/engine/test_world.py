@@ -258,7 +258,7 @@ def test_sample_variation_is_the_per_pixel_spread_within_each_identity():
 
 
 def test_pose_variation_is_the_spread_of_roll_and_landmark_centre_within_each_identity():
-    from facegen.engine.world.measure import pose_variation
+    from facegen.engine.world.measure import best_faces, face_detection_rate, pose_variation
 
     def row(right, left, score=0.9):
         """A YuNet row: eyes at `right`, `left`; nose and mouth corners on the eyes' centre."""
@@ -278,7 +278,9 @@ def test_pose_variation_is_the_spread_of_roll_and_landmark_centre_within_each_id
     images = np.zeros((5, 112, 112, 3), np.uint8)
     for i, key in enumerate((1, 2, 3, 4, 4)):
         images[i] = key
-    figures = pose_variation(images, np.array([0, 0, 1, 1, 1]), detect, size=112)
+    faces = best_faces(images, detect, size=112)
+    assert face_detection_rate(faces) == pytest.approx(3 / 5)
+    figures = pose_variation(faces, np.array([0, 0, 1, 1, 1]))
     assert figures["identities"] == 1
     assert figures["roll_degrees"] == pytest.approx(22.5)
     # centres (50, 50) and (50, 60): std 5 in y, 0 in x
