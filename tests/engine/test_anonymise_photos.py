@@ -15,8 +15,9 @@ from facegen.models.errors import UserError
 from facegen.models.generator import images_to_uint8
 from tests.engine.planted import planted_pair
 
-# What 40 Adam steps from the average face reach on the 16² test generator (measured 28.6-30.8 dB).
-PROJECTION_PSNR_DB = 25.0
+# What 40 Adam steps from the average face reach on the 16² test generator (measured 34.3-36.4 dB;
+# the average face itself is at 18.2-18.8 dB).
+PROJECTION_PSNR_DB = 30.0
 
 
 @pytest.mark.slow

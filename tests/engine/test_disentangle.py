@@ -26,7 +26,8 @@ from facegen.models.errors import UserError
 from tests.engine.planted import PLANTED, planted_pair
 
 METRIC = Metric(lowpass_size=4)  # the planted detail is a 1-pixel checkerboard on 16² images
-JOB = RankJob(spaces=("wplus",), widths=(1, 8), pairs=4, batch_size=64, pairs_per_task=2, metric=METRIC)
+JOB = RankJob(spaces=("wplus",), widths=(1, 8), pairs=8, batch_size=64, pairs_per_task=2, metric=METRIC)
+PLANTED_NS = [0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16]  # n over the identity-carrying units
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +37,28 @@ def planted():
     return space, embedder, rank(space, embedder, JOB)
 
 
+def _swap_pairs(space):
+    slots = np.arange(8)
+    source = space.encode("wplus", face_ws(space, 1, Stream.SWAP_SOURCE, slots))
+    target = space.encode("wplus", face_ws(space, 1, Stream.SWAP_TARGET, slots))
+    return source, target
+
+
+def _top(rows, n):
+    return list(zip(rows.column("layer").to_pylist()[:n], rows.column("start").to_pylist()[:n]))
+
+
 def test_ranking_puts_the_planted_identity_channels_first(planted):
     space, _, table = planted
     best = select(table, "wplus", 1)
     last_row = space.num_ws - 1
-    top = list(zip(best.column("layer").to_pylist()[:3], best.column("start").to_pylist()[:3]))
-    assert top[0] == (last_row, PLANTED[0])
+    top = _top(best, len(PLANTED))
+    assert top[0] == (last_row, PLANTED[0])  # the strongest
     assert set(top) == {(last_row, c) for c in PLANTED}
     assert best.column("rank").to_pylist() == list(range(best.num_rows))
-    # Each width ranks its own units: groups of 8 channels, two per W+ row.
+    # Each width ranks its own units: groups of 8 channels, four per W+ row.
     groups = select(table, "wplus", 8)
-    assert groups.num_rows == 2 * space.num_ws
+    assert groups.num_rows == 4 * space.num_ws
     assert (groups.column("layer")[0].as_py(), groups.column("start")[0].as_py()) == (last_row, 0)
 
 
@@ -57,13 +69,14 @@ def test_scores_are_identity_over_appearance_and_tasks_split_freely(planted):
     ratio = ids / (looks + METRIC.epsilon)
     np.testing.assert_allclose(rows.column("ratio").to_numpy(), ratio)
     np.testing.assert_allclose(rows.column("score").to_numpy(), ratio)
-    # A task's numbers do not depend on how its images are batched, and the table holds the plain
-    # mean over pairs, per unit (rows are stored in unit order).
+    # A task's numbers do not depend on how its images are batched (beyond a rare one-grey-level
+    # rounding flip of a pixel, which moves a mean by ~1e-5), and the table holds the plain mean
+    # over pairs, per unit (rows are stored in unit order).
     job = RankJob(spaces=("wplus",), widths=(8,), pairs=3, batch_size=64, pairs_per_task=2, metric=METRIC)
     scorer = Scorer(space, embedder, job)
     parts = [scorer.run(t) for t in job.tasks()]
     other = Scorer(space, embedder, RankJob(**{**job.__dict__, "batch_size": 5})).run(job.tasks()[0])
-    np.testing.assert_allclose(parts[0][0], other[0], atol=1e-6)
+    np.testing.assert_allclose(parts[0][0], other[0], atol=2e-5)
     np.testing.assert_allclose(parts[0][1], other[1], atol=1e-4)
     small = rank(space, embedder, job, run_tasks=lambda tasks: [scorer.run(t) for t in tasks]).to_pandas()
     for column, index in (("identity_change", 0), ("appearance_change", 1)):
@@ -75,17 +88,13 @@ def test_scores_are_identity_over_appearance_and_tasks_split_freely(planted):
 def test_top_n_swaps_move_identity_monotonically_and_keep_appearance(planted):
     space, embedder, table = planted
     swapper = Swapper(space, embedder, METRIC, batch_size=64)
-    slots = np.arange(8)
-    source = space.encode("wplus", face_ws(space, 1, Stream.SWAP_SOURCE, slots))
-    target = space.encode("wplus", face_ws(space, 1, Stream.SWAP_TARGET, slots))
-    points = curve(swapper, table, "wplus", 1, [0, 1, 2, 3, 4, 8, 16, 32], source, target, seed=0,
-                   random_draws=2)
+    points = curve(swapper, table, "wplus", 1, PLANTED_NS, *_swap_pairs(space), seed=0, random_draws=2)
     similarity = [p["top_similarity"] for p in points]
     assert similarity[0] == pytest.approx(1.0, abs=1e-6)
+    # Every further unit moves identity further from the source, while the picture changes less
+    # than with random units of the same count (their identity change comes with low-pass changes).
     assert all(a > b for a, b in zip(similarity, similarity[1:])), similarity
-    # The planted channels and the first one after them. (Further down this toy generator's ranking
-    # come whole-image colour channels of the last layer: more identity, but more appearance too.)
-    for p in points[1:5]:
+    for p in points[1:]:
         assert p["top_appearance"] < p["random_appearance"], p
         assert p["top_similarity"] < p["random_similarity"], p
 
@@ -104,17 +113,16 @@ def test_an_appearance_cap_keeps_every_top_n_swap_below_random_appearance(plante
     assert not over[:inside].any() and over[inside:].all()
     assert (np.diff(ratio[:inside]) <= 0).all() and (np.diff(ratio[inside:]) <= 0).all()
     last_row = space.num_ws - 1
-    assert [(r, c) for r, c in zip(rows.column("layer").to_pylist()[:3], rows.column("start").to_pylist()[:3])] \
-        == [(last_row, c) for c in PLANTED]
+    top = _top(rows, len(PLANTED))
+    assert top[0] == (last_row, PLANTED[0]) and set(top) == {(last_row, c) for c in PLANTED}
     swapper = Swapper(space, embedder, metric, batch_size=64)
-    slots = np.arange(8)
-    source = space.encode("wplus", face_ws(space, 1, Stream.SWAP_SOURCE, slots))
-    target = space.encode("wplus", face_ws(space, 1, Stream.SWAP_TARGET, slots))
-    points = curve(swapper, table, "wplus", 1, [1, 2, 3, 8, 16, 32], source, target, seed=0, random_draws=2)
-    for p in points:
+    ns = PLANTED_NS + [24, 32]
+    points = curve(swapper, table, "wplus", 1, ns, *_swap_pairs(space), seed=0, random_draws=2)
+    for p in points[1:]:
         assert p["top_appearance"] < p["random_appearance"], p
-    similarity = [p["top_similarity"] for p in points[:3]]  # the planted channels: identity moves each time
-    assert similarity[0] > similarity[1] > similarity[2]
+    # Over the planted units identity moves each time; past them there is no identity left to move.
+    similarity = [p["top_similarity"] for p in points[:len(PLANTED_NS)]]
+    assert all(a > b for a, b in zip(similarity, similarity[1:])), similarity
     png = plot_png(points)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -132,7 +140,7 @@ def test_rank_table_round_trips_through_parquet_and_styleid_arrays(planted):
     np.testing.assert_array_equal(top_units(from_grid(positions, space, "wplus", 1), "wplus", 1, 10),
                                   top_units(table, "wplus", 1, 10))
     groups = to_grid(table, space, "wplus", 8)
-    assert groups.shape == (space.num_ws, 2)  # StyleID's group_256_rank.npy is [18, 2] at w_dim 512
+    assert groups.shape == (space.num_ws, 4)  # like StyleID's group_256_rank.npy, [18, 2] at w_dim 512
     with pytest.raises(UserError, match="needs"):
         from_grid(grid[:, :3], space, "wplus", 1)
     with pytest.raises(UserError, match="no ranks for space 'style'"):
