@@ -44,7 +44,15 @@ class FrontalFaceGate:
             raise UserError(f"filter.face_detector: {detector_path}: file not found")
         self.min_score = min_score
         # Candidates below half the bar are not faces at all; NMS merges duplicate boxes of one face.
-        self._detector = cv2.FaceDetectorYN.create(detector_path, "", (0, 0), min_score / 2, 0.3, 50)
+        # OpenCV's DNN warns on stderr that its new graph engine ignores the preferred target (the
+        # CPU either way); quieten its log for the creation only.
+        logging = cv2.utils.logging
+        level = logging.getLogLevel()
+        logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+        try:
+            self._detector = cv2.FaceDetectorYN.create(detector_path, "", (0, 0), min_score / 2, 0.3, 50)
+        finally:
+            logging.setLogLevel(level)
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         """YuNet rows [x, y, w, h, 5 landmarks (x, y), score] for one RGB image (may be empty)."""

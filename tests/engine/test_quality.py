@@ -48,3 +48,17 @@ def test_frontal_gate_needs_a_detector():
     with pytest.raises(UserError, match="not found"):
         make_quality_gate("frontal", "/nonexistent/yunet.onnx")
     assert make_quality_gate("none")(np.zeros((3, 4, 4, 3), np.uint8)).tolist() == [True] * 3
+
+
+def test_creating_the_gate_leaves_stderr_clean():
+    # OpenCV's DNN logs a warning at creation (its graph engine ignores the preferred target); the
+    # gate quietens it for that call only, and the process's OpenCV log level is unchanged after.
+    import subprocess
+    import sys
+
+    code = ("import cv2; from facegen.engine.quality import FrontalFaceGate; "
+            f"before = cv2.utils.logging.getLogLevel(); FrontalFaceGate({YUNET!r}); "
+            "assert cv2.utils.logging.getLogLevel() == before; print('made')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "made", done.stderr
+    assert done.stderr == ""
