@@ -33,6 +33,7 @@ from facegen.models.errors import UserError
 from facegen.models.generator import images_to_uint8
 
 SETTINGS_FILE = "anonymise.json"
+DROP_REASONS = ("dropped_near_source", "dropped_near_enrolled")  # a source may count in both
 EMPTY_DIR = "empty"  # markers of shards whose every source was dropped (nothing to write)
 
 
@@ -100,6 +101,8 @@ class Anonymiser:
         vis = [None] * count
         nir: list[np.ndarray | None] = [None] * count
         metas: list[dict[str, Any] | None] = [None] * count
+        # Why each source failed its latest try: too close to itself, to someone enrolled (or both).
+        near_source, near_enrolled = np.zeros(count, bool), np.zeros(count, bool)
         retried = 0
         for attempt in range(job.max_tries):
             if not len(pending):
@@ -126,9 +129,10 @@ class Anonymiser:
                 real_sim, real_row = (np.asarray(a) for a in self.index.max_similarity(embedding))
             passed = np.ones(len(pending), bool)
             if job.threshold is not None:
-                passed &= similarity <= job.threshold
+                near_source[pending] = ~(similarity <= job.threshold)
                 if self.index is not None:
-                    passed &= real_sim <= job.threshold  # NaN fails
+                    near_enrolled[pending] = ~(real_sim <= job.threshold)  # NaN fails
+                passed &= ~near_source[pending] & ~near_enrolled[pending]
             final_hwc = final.permute(0, 2, 3, 1).cpu().numpy()
             # A photo has no NIR counterpart, so a blended output carries none.
             nir_hw = None if swapped.nir is None or sources.finish is not None else (
@@ -147,8 +151,11 @@ class Anonymiser:
             pending = pending[~passed]
         kept = [i for i in range(count) if metas[i] is not None]
         stats = {"sources": count, "written": len(kept), "dropped": count - len(kept), "retried": retried,
+                 "dropped_near_source": int(near_source[pending].sum()),
+                 "dropped_near_enrolled": int(near_enrolled[pending].sum()),
                  "max_source_similarity": max((metas[i]["source_similarity"] for i in kept), default=None),
-                 "max_real_similarity": max((metas[i].get("real_similarity", -1.0) for i in kept), default=None)}
+                 "max_real_similarity": None if self.index is None else
+                 max((metas[i]["real_similarity"] for i in kept), default=None)}
         if not kept:
             return None, stats
         has_nir = all(nir[i] is not None for i in kept)
@@ -222,7 +229,8 @@ def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int
     shards = anonymiser.job.shards()
     done = completed_shards(out)
     totals: dict[str, Any] = {"sources": 0, "written": 0, "dropped": 0, "retried": 0, "shards_resumed": 0,
-                              "max_source_similarity": None, "max_real_similarity": None}
+                              **dict.fromkeys(DROP_REASONS, 0), "max_source_similarity": None,
+                              "max_real_similarity": None}
     if progress:
         progress(0, len(shards))
     for shard_id, (start, stop) in enumerate(shards):
@@ -236,8 +244,8 @@ def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int
                 out.write_json(empty, stats)
             else:
                 WebDatasetWriter(name="anonymised", image_format=image_format).write(out, shard_id, batch, stats=stats)
-        for key in ("sources", "written", "dropped", "retried"):
-            totals[key] += int(stats[key])
+        for key in ("sources", "written", "dropped", "retried", *DROP_REASONS):
+            totals[key] += int(stats.get(key, 0))
         for key in ("max_source_similarity", "max_real_similarity"):
             if stats.get(key) is not None:
                 totals[key] = max(stats[key], totals[key] if totals[key] is not None else -np.inf)

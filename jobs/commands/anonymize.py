@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from typing import TYPE_CHECKING
 
 from facegen.jobs.common import add_seeded_face_options, add_swap_models, comma_ints, open_swap_space, read_uri
@@ -157,9 +158,22 @@ def run(args: argparse.Namespace) -> int:
         report = anonymise_generated(swapper, table, job, out, index=index, sources_ws=sources, targets_ws=targets,
                                      curve_pairs=args.curve_pairs, progress=progress)
     totals, privacy = report["totals"], report["privacy"]
-    if "projection" in report:
-        print(f"projection: mean PSNR {report['projection']['mean_psnr_db']} dB over the written photos")
+    if report.get("projection", {}).get("mean_psnr_db") is not None:
+        print(f"projection: mean PSNR {report['projection']['mean_psnr_db']:.2f} dB over the written photos")
     print(f"anonymised {totals['written']} of {totals['sources']} sources into {args.out} "
           f"({totals['dropped']} dropped, {totals['retried']} retried); max similarity to source "
-          f"{privacy['max_source_similarity']}, threshold {privacy['threshold']}")
+          f"{_figure(privacy['max_source_similarity'])}"
+          + (f", to anyone enrolled {_figure(privacy['max_real_similarity'])}" if index is not None else "")
+          + f", threshold {_figure(privacy['threshold'])}")
+    if totals["dropped"]:
+        tries = 1 if args.targets else args.max_tries
+        print(f"facegen: {totals['dropped']} sources had no output at or below the threshold after {tries} "
+              f"tries ({totals['dropped_near_source']} still too close to themselves, "
+              f"{totals['dropped_near_enrolled']} to someone enrolled); to keep more, swap more units (--n, "
+              "or --layers), allow more tries (--max-tries), or check that the embedder tells different "
+              "people apart (`facegen index build` prints its impostor scores)", file=sys.stderr)
     return 0
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6f}"

@@ -146,3 +146,26 @@ def test_audit_plan_counts_shards_whose_every_source_was_dropped_as_complete(tmp
     markers = {0: {"shard_file": "shards/anonymised-000000.tar"}}
     assert completeness(out, plan["planned_shards"], markers, plan["empty_shards"]) == []
     assert completeness(out, plan["planned_shards"], markers)[0].startswith("1 of 2 planned shards")
+
+
+def test_sources_that_never_pass_are_dropped_counted_by_reason_and_explained(setup, tmp_path, capsys):
+    folder, _, _ = setup
+    out = tmp_path / "out"
+    # No output can be within -0.99 of anything: every source is dropped, for both reasons.
+    assert main(_args(folder, out, "--n", "2", "--count", "4", "--max-tries", "2", "--curve-pairs", "0",
+                      "--index", str(folder / "index"), "--threshold", "-0.99")) == 0
+    totals = json.loads((out / "report.json").read_text())["totals"]
+    assert (totals["sources"], totals["written"], totals["dropped"], totals["retried"]) == (4, 0, 4, 4)
+    assert totals["dropped_near_source"] == totals["dropped_near_enrolled"] == 4
+    assert totals["max_source_similarity"] is None and totals["max_real_similarity"] is None
+    printed = capsys.readouterr()
+    assert "anonymised 0 of 4 sources" in printed.out and "to source n/a, to anyone enrolled n/a" in printed.out
+    assert ("4 sources had no output at or below the threshold after 2 tries (4 still too close to themselves, "
+            "4 to someone enrolled)") in printed.err
+    # Without an index nothing is compared with enrolled people: no figure, no such drops.
+    plain = tmp_path / "plain"
+    assert main(_args(folder, plain, "--n", "2", "--count", "2", "--curve-pairs", "0")) == 0
+    totals = json.loads((plain / "report.json").read_text())["totals"]
+    assert totals["written"] == 2 and totals["max_real_similarity"] is None and totals["dropped_near_enrolled"] == 0
+    printed = capsys.readouterr()
+    assert "enrolled" not in printed.out and "threshold n/a" in printed.out and printed.err.count("sources had") == 0
