@@ -48,18 +48,18 @@ def photos_job(tmp_path_factory):
     return folder
 
 
-def _run(folder, out, *extra):
-    return main(["anonymize", "--generator", str(folder / "G.safetensors"), "--embedder", str(folder / "E.safetensors"),
-                 "--ranks", str(folder / "ranks.parquet"), "--unit-width", "0", "--n", "3", "--images",
-                 str(folder / "photos"), "--index", str(folder / "index"), "--threshold", str(THRESHOLD),
-                 "--steps", "8", "--learning-rate", "0.1", "--samples-per-shard", "2", "--curve-pairs", "0",
-                 "--out", str(out), *extra])
+def _argv(folder, out, *extra):
+    return ["anonymize", "--generator", str(folder / "G.safetensors"), "--embedder", str(folder / "E.safetensors"),
+            "--ranks", str(folder / "ranks.parquet"), "--unit-width", "0", "--n", "3", "--images",
+            str(folder / "photos"), "--index", str(folder / "index"), "--threshold", str(THRESHOLD),
+            "--steps", "8", "--learning-rate", "0.1", "--samples-per-shard", "2", "--curve-pairs", "0",
+            "--out", str(out), *extra]
 
 
 @pytest.mark.slow
 def test_photos_are_projected_swapped_blended_and_certified(photos_job, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _run(photos_job, out, "--blend") == 0
+    assert main(_argv(photos_job, out, "--blend")) == 0
     assert "projection: mean PSNR" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     manifest = read_manifest(Storage(str(out))).to_pandas()
@@ -88,7 +88,7 @@ def test_photos_are_projected_swapped_blended_and_certified(photos_job, tmp_path
         assert not np.array_equal(sample.vis, original)
     # Resume: nothing recomputed, same bytes.
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "shards").iterdir()}
-    assert _run(photos_job, out, "--blend") == 0
+    assert main(_argv(photos_job, out, "--blend")) == 0
     assert json.loads((out / "report.json").read_text())["totals"]["shards_resumed"] == 2
     assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "shards").iterdir()}
 
@@ -109,7 +109,7 @@ def test_blend_through_a_user_segmentation_onnx(photos_job, tmp_path, capsys):
 
     parser = export_parser(tmp_path / "parser.onnx", 16)
     out = tmp_path / "out"
-    assert _run(photos_job, out, "--blend", "--mask-onnx", parser, "--mask-classes", "1") == 0
+    assert main(_argv(photos_job, out, "--blend", "--mask-onnx", parser, "--mask-classes", "1")) == 0
     settings = json.loads((out / "anonymise.json").read_text())
     assert settings["mask_onnx"]["classes"] == [1] and len(settings["mask_onnx"]["sha256"]) == 64
     paths = list_photos(photos_job / "photos")
@@ -129,7 +129,7 @@ def test_blend_through_a_user_segmentation_onnx(photos_job, tmp_path, capsys):
         never = tmp_path / "never"
         args = extra if "--mask-classes" in extra else ["--blend", *extra]
         capsys.readouterr()
-        assert _run(photos_job, never, *args) == 2
+        assert main(_argv(photos_job, never, *args)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not never.exists()
