@@ -25,7 +25,7 @@ from facegen.engine.seeding import Stream
 from facegen.models.errors import UserError
 from tests.engine.planted import PLANTED, planted_pair
 
-METRIC = Metric(lowpass_size=4)  # the planted detail is a 1-pixel checkerboard on 16² images
+METRIC = Metric(lowpass_size=4)  # the planted details have zero mean over every 4x4 block of the 16² images
 JOB = RankJob(spaces=("wplus",), widths=(1, 8), pairs=8, batch_size=64, pairs_per_task=2, metric=METRIC)
 PLANTED_NS = [0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16]  # n over the identity-carrying units
 
