@@ -53,6 +53,7 @@ class AnonymiseJob:
     threshold: float | None = None  # identity similarity an output may keep (to its source and to the index)
     max_tries: int = 4
     metric: Metric = field(default_factory=Metric)
+    threshold_calibration: str | None = None  # where an 'auto' threshold came from (None: given by hand)
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.batch_size < 1 or self.samples_per_shard < 1 or self.max_tries < 1:
@@ -220,7 +221,8 @@ def audit_plan(out: Storage) -> dict[str, Any] | None:
         raise UserError(f"{out.url(SETTINGS_FILE)}: not an anonymisation's settings (no count/samples_per_shard)"
                         ) from None
     empty = {int(name.removesuffix(".json")) for name in out.list(EMPTY_DIR, ".json")}
-    return {"planned_shards": planned, "empty_shards": empty, "threshold": job.get("threshold")}
+    return {"planned_shards": planned, "empty_shards": empty, "threshold": job.get("threshold"),
+            "threshold_calibration": job.get("threshold_calibration")}
 
 
 def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int, int], Sources],
@@ -325,7 +327,8 @@ def privacy_summary(job: AnonymiseJob, totals: dict[str, Any], index: PrivacyInd
     """The certificate: every written output is at most `threshold` from its source (and the index)."""
     worst = max((v for v in (totals["max_source_similarity"], totals["max_real_similarity"]) if v is not None),
                 default=None)
-    return {"threshold": job.threshold, "index_fingerprint": index.fingerprint if index is not None else None,
+    source = {"threshold_source": job.threshold_calibration} if job.threshold_calibration else {}
+    return {"threshold": job.threshold, **source, "index_fingerprint": index.fingerprint if index is not None else None,
             "max_real_similarity": totals["max_real_similarity"],
             "max_source_similarity": totals["max_source_similarity"],
             "violations": None if job.threshold is None or worst is None else int(worst > job.threshold)}

@@ -82,20 +82,23 @@ def calibrate_command(uri: str, fmr: float) -> str:
     return f"facegen index calibrate {uri} --fmr {fmr:g}"
 
 
-def calibrated_threshold(info: IndexInfo, fmr: float, uri: str) -> dict:
+def calibrated_threshold(info: IndexInfo, fmr: float, uri: str, names: tuple[str, str] = ("privacy.threshold",
+                                                                                            "privacy.fmr")) -> dict:
     """The index's threshold at `fmr` with where it came from; refuses (naming the command to run)
-    when the index is uncalibrated at that FMR or its impostor pairs cannot resolve it."""
+    when the index is uncalibrated at that FMR or its impostor pairs cannot resolve it. `names`: how
+    the caller's user spells the threshold and FMR settings (job spec keys or CLI flags)."""
+    threshold_name, fmr_name = names
     entry = next((t for t in info.thresholds if np.isclose(float(t["fmr"]), fmr, rtol=1e-9, atol=0.0)), None)
     if entry is None:
         have = ", ".join(f"{float(t['fmr']):g}" for t in info.thresholds) or "none"
-        raise UserError(f"privacy.threshold auto: the index {uri} is not calibrated at FMR {fmr:g} "
+        raise UserError(f"{threshold_name} auto: the index {uri} is not calibrated at FMR {fmr:g} "
                         f"(calibrated: {have}); run `{calibrate_command(uri, fmr)}`, or give "
-                        "privacy.threshold as a number")
+                        f"{threshold_name} as a number")
     pairs = int(entry.get("num_impostor_pairs", 0))
     if pairs < required_pairs(fmr):
-        raise UserError(f"privacy.threshold auto: the index {uri} has {pairs} impostor pairs, too few to resolve "
+        raise UserError(f"{threshold_name} auto: the index {uri} has {pairs} impostor pairs, too few to resolve "
                         f"FMR {fmr:g} (needs {required_pairs(fmr)} = {PAIRS_PER_FMR}/FMR); enrol more "
-                        "identities, choose a coarser privacy.fmr, or give privacy.threshold as a number")
+                        f"identities, choose a coarser {fmr_name}, or give {threshold_name} as a number")
     return {"threshold": float(entry["threshold"]), "source": "calibrated", "fmr": float(fmr),
             "impostor_pairs": pairs, "text": f"calibrated at FMR {fmr:g} on {pairs} impostor pairs"}
 

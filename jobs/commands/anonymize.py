@@ -20,6 +20,15 @@ if TYPE_CHECKING:  # torch loads when the command runs, not when the CLI starts
     import torch
 
 
+def _threshold(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
@@ -59,8 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", help="target W+ codes (.npy [M, num_ws, w_dim]; source i takes row i mod M); "
                                      "default: seeded random faces")
     p.add_argument("--index", help="privacy index of the real people every output is certified against")
-    p.add_argument("--threshold", type=float,
-                   help="highest identity similarity an output may have to its source / anyone enrolled")
+    p.add_argument("--threshold", type=_threshold,
+                   help="highest identity similarity an output may have to its source / anyone enrolled: a "
+                        "number, or 'auto' for the --index's threshold calibrated at --fmr for this embedder")
+    p.add_argument("--fmr", type=float, default=1e-4,
+                   help="false-match rate of --threshold auto (default: 1e-4; `facegen index calibrate` adds others)")
     p.add_argument("--max-tries", type=int, default=4, help="random targets tried per source (default: 4)")
     add_seeded_face_options(p, batch=32)
     p.add_argument("--samples-per-shard", type=int, default=64, help="outputs per shard (default: 64)")
@@ -107,13 +119,15 @@ def run(args: argparse.Namespace) -> int:
     from facegen.engine.anonymise.rank import read_ranks
     from facegen.engine.anonymise.run import AnonymiseJob, anonymise_generated
     from facegen.engine.anonymise.swap import Swapper
-    from facegen.engine.index.compat import embedder_for_index
+    from facegen.engine.index.compat import calibrated_threshold, embedder_for_index
     from facegen.engine.index.search import PrivacyIndex
     from facegen.engine.progress import progress_callback
     from facegen.engine.storage import Storage
 
     if args.layers and args.space != "wplus":
         raise UserError("--layers swaps whole W+ layers; use it with --space wplus")
+    if args.threshold == "auto" and not args.index:
+        raise UserError("--threshold auto is the --index's calibrated threshold: give --index, or a number")
     if args.index and args.threshold is None:
         raise UserError("--index needs --threshold (the similarity no output may exceed)")
     if args.images and (not args.index or args.threshold is None):
@@ -127,16 +141,22 @@ def run(args: argparse.Namespace) -> int:
         from facegen.engine.anonymise.masks import OnnxFaceMask
 
         face_mask = OnnxFaceMask(args.mask_onnx, args.mask_classes, args.mask_mean, args.mask_std)
+    index = PrivacyIndex.open(args.index) if args.index else None
+    threshold, calibration = args.threshold, None
+    if threshold == "auto":
+        chosen = calibrated_threshold(index.info, args.fmr, args.index, ("--threshold", "--fmr"))
+        threshold, calibration = chosen["threshold"], chosen["text"]
+        print(f"threshold: {threshold:.6f}, the index's, {calibration}")
     sources = _load_npy(args.latents) if args.latents else None
     targets = _load_npy(args.targets) if args.targets else None
     table = read_ranks(read_uri(args.ranks), args.ranks) if args.ranks else None
     count = args.count if args.count is not None else len(sources) if sources is not None else 1
     job = AnonymiseJob(space=args.space, unit_width=args.unit_width, n=args.n, layers=args.layers, count=count,
                        seed=args.seed, truncation_psi=args.truncation, batch_size=args.batch,
-                       samples_per_shard=args.samples_per_shard, threshold=args.threshold,
-                       max_tries=args.max_tries, metric=Metric(lowpass_size=args.lowpass))
+                       samples_per_shard=args.samples_per_shard, threshold=threshold,
+                       max_tries=args.max_tries, metric=Metric(lowpass_size=args.lowpass),
+                       threshold_calibration=calibration)
     space = open_swap_space(args.generator)
-    index = PrivacyIndex.open(args.index) if args.index else None
     # With an index, the same weights default to the preprocessing it was built with.
     embedder = embedder_for_index(args.embedder, preprocessing_flags(args), index.info if index else None)
     print_notes(embedder)

@@ -94,9 +94,10 @@ def _threshold(args, spec, index, anonymisation: dict | None = None) -> tuple[fl
         how = (f"calibrated at FMR {calibration['fmr']:g}" if calibration else "given") + ", from job.yaml"
         return float(spec.privacy.threshold), how
     if anonymisation is not None and anonymisation["threshold"] is not None:
-        return float(anonymisation["threshold"]), "given, from anonymise.json"
+        how = anonymisation.get("threshold_calibration") or "given"
+        return float(anonymisation["threshold"]), f"{how}, from anonymise.json"
     fmr = spec.privacy.fmr if spec is not None else args.fmr
-    chosen = calibrated_threshold(index.info, fmr, index.storage.uri)
+    chosen = calibrated_threshold(index.info, fmr, index.storage.uri, ("--threshold", "--fmr"))
     return chosen["threshold"], chosen["text"] + " (the index)"
 
 

@@ -142,7 +142,7 @@ def test_audit_plan_counts_shards_whose_every_source_was_dropped_as_complete(tmp
     out.write_json("empty/000001.json", {"sources": 2, "written": 0})
     out.write_json("report.json", {})
     plan = audit_plan(out)
-    assert plan == {"planned_shards": 2, "empty_shards": {1}, "threshold": 0.4}
+    assert plan == {"planned_shards": 2, "empty_shards": {1}, "threshold": 0.4, "threshold_calibration": None}
     markers = {0: {"shard_file": "shards/anonymised-000000.tar"}}
     assert completeness(out, plan["planned_shards"], markers, plan["empty_shards"]) == []
     assert completeness(out, plan["planned_shards"], markers)[0].startswith("1 of 2 planned shards")
@@ -169,3 +169,33 @@ def test_sources_that_never_pass_are_dropped_counted_by_reason_and_explained(set
     assert totals["written"] == 2 and totals["max_real_similarity"] is None and totals["dropped_near_enrolled"] == 0
     printed = capsys.readouterr()
     assert "enrolled" not in printed.out and "threshold n/a" in printed.out and printed.err.count("sources had") == 0
+
+
+def test_threshold_auto_is_the_index_calibration_for_this_embedder(setup, tmp_path, capsys):
+    folder, space, emb = setup
+    index = tmp_path / "index"
+    make_index(str(index), emb, real_population(load_generator(folder / "G.safetensors"), emb, 20))
+    never = tmp_path / "never"
+    # Refused before any work: no index to calibrate, or no calibration at that FMR (named flags).
+    assert main(_args(folder, never, "--n", "2", "--count", "3", "--threshold", "auto")) == 2
+    assert main(_args(folder, never, "--n", "2", "--count", "3", "--index", str(index), "--threshold", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "--threshold auto is the --index's calibrated threshold" in err
+    assert "--threshold auto: the index" in err and "not calibrated at FMR 0.0001" in err and "calibrate" in err
+    assert not never.exists()
+    assert main(["index", "calibrate", str(index), "--fmr", "0.1"]) == 0  # 20 people: 190 impostor pairs
+    calibrated = json.loads((index / "index.json").read_text())["thresholds"]
+    expected = next(t["threshold"] for t in calibrated if t["fmr"] == 0.1)
+    out = tmp_path / "out"
+    assert main(_args(folder, out, "--n", "2", "--count", "3", "--index", str(index), "--threshold", "auto",
+                      "--fmr", "0.1", "--curve-pairs", "0")) == 0
+    printed = capsys.readouterr().out
+    assert f"threshold: {expected:.6f}, the index's, calibrated at FMR 0.1 on 190 impostor pairs" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["privacy"]["threshold"] == expected
+    assert report["privacy"]["threshold_source"] == "calibrated at FMR 0.1 on 190 impostor pairs"
+    assert report["totals"]["written"] == 3 and report["privacy"]["violations"] == 0
+    assert main(["audit", str(out), "--index", str(index), "--embedder", str(folder / "E.safetensors"), "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    assert audit["threshold"] == expected and audit["violations"] == 0 and audit["samples"] == 3
+    assert audit["threshold_source"] == "calibrated at FMR 0.1 on 190 impostor pairs, from anonymise.json"
