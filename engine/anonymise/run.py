@@ -5,7 +5,8 @@ are cut into shards of `samples_per_shard` consecutive sources, and a shard is t
 of resume (a shard with its `done/` marker is never redone; the rest are rewritten byte for byte).
 
 Certification: an output is kept only if its identity similarity to its own source is at most
-`threshold` and, with a privacy index, its maximum similarity to every enrolled person is too. A
+`threshold` and, with a privacy index, its maximum similarity to every enrolled person is too (over
+the VIS image and the NIR twin a generator writes beside it: both are certified). A
 rejected output is retried with the next seeded random target (try 1, 2, ... up to `max_tries`);
 given targets are not retried. Sources that never pass are dropped and counted.
 """
@@ -124,10 +125,12 @@ class Anonymiser:
                 looks = self.swapper.metric.appearance_change(sources.lowpass[pending], final).numpy()
             else:
                 final = images_to_uint8(images)
+            # A photo has no NIR counterpart, so a blended output carries none.
+            final_nir = None if swapped.nir is None or sources.finish is not None else images_to_uint8(swapped.nir)
             real_sim = np.full(len(pending), np.nan, np.float32)
             real_row = np.full(len(pending), -1, np.int64)
             if self.index is not None:
-                real_sim, real_row = (np.asarray(a) for a in self.index.max_similarity(embedding))
+                real_sim, real_row = self._closest_enrolled(embedding, final_nir)
             passed = np.ones(len(pending), bool)
             if job.threshold is not None:
                 near_source[pending] = ~(similarity <= job.threshold)
@@ -135,9 +138,7 @@ class Anonymiser:
                     near_enrolled[pending] = ~(real_sim <= job.threshold)  # NaN fails
                 passed &= ~near_source[pending] & ~near_enrolled[pending]
             final_hwc = final.permute(0, 2, 3, 1).cpu().numpy()
-            # A photo has no NIR counterpart, so a blended output carries none.
-            nir_hw = None if swapped.nir is None or sources.finish is not None else (
-                images_to_uint8(swapped.nir)[:, 0].cpu().numpy())
+            nir_hw = None if final_nir is None else final_nir[:, 0].cpu().numpy()
             for k in np.flatnonzero(passed):
                 row = pending[k]
                 vis[row] = final_hwc[k]
@@ -151,7 +152,8 @@ class Anonymiser:
                 metas[row] = meta
             pending = pending[~passed]
         kept = [i for i in range(count) if metas[i] is not None]
-        stats = {"sources": count, "written": len(kept), "dropped": count - len(kept), "retried": retried,
+        stats = {"sources": count, "written": len(kept), "nir_written": sum(nir[i] is not None for i in kept),
+                 "dropped": count - len(kept), "retried": retried,
                  "dropped_near_source": int(near_source[pending].sum()),
                  "dropped_near_enrolled": int(near_enrolled[pending].sum()),
                  "max_source_similarity": max((metas[i]["source_similarity"] for i in kept), default=None),
@@ -165,6 +167,17 @@ class Anonymiser:
                            nir=np.stack([nir[i] for i in kept]) if has_nir else None,
                            metas=[metas[i] for i in kept])
         return batch, stats
+
+
+    def _closest_enrolled(self, embedding: torch.Tensor, nir: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        """Max similarity to anyone enrolled and that row, over the VIS image and, when one is written,
+        its NIR twin: a written NIR image is certified like the VIS one (NaN, never passing, wins)."""
+        sims, rows = (np.asarray(a) for a in self.index.max_similarity(embedding))
+        if nir is None:
+            return sims, rows
+        nir_sims, nir_rows = (np.asarray(a) for a in self.index.max_similarity(self.swapper.embedder.embed(nir).cpu()))
+        use_nir = ~(nir_sims <= sims)
+        return np.where(use_nir, nir_sims, sims).astype(np.float32), np.where(use_nir, nir_rows, rows)
 
 
 def seeded_targets(space, job: AnonymiseJob) -> Targets:
@@ -230,8 +243,8 @@ def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int
     """Every shard not yet complete; returns the summed counts of all shards (including earlier runs)."""
     shards = anonymiser.job.shards()
     done = completed_shards(out)
-    totals: dict[str, Any] = {"sources": 0, "written": 0, "dropped": 0, "retried": 0, "shards_resumed": 0,
-                              **dict.fromkeys(DROP_REASONS, 0), "max_source_similarity": None,
+    totals: dict[str, Any] = {"sources": 0, "written": 0, "nir_written": 0, "dropped": 0, "retried": 0,
+                              "shards_resumed": 0, **dict.fromkeys(DROP_REASONS, 0), "max_source_similarity": None,
                               "max_real_similarity": None}
     if progress:
         progress(0, len(shards))
@@ -246,7 +259,7 @@ def run_shards(anonymiser: Anonymiser, out: Storage, make_sources: Callable[[int
                 out.write_json(empty, stats)
             else:
                 WebDatasetWriter(name="anonymised", image_format=image_format).write(out, shard_id, batch, stats=stats)
-        for key in ("sources", "written", "dropped", "retried", *DROP_REASONS):
+        for key in ("sources", "written", "nir_written", "dropped", "retried", *DROP_REASONS):
             totals[key] += int(stats.get(key, 0))
         for key in ("max_source_similarity", "max_real_similarity"):
             if stats.get(key) is not None:
@@ -328,7 +341,10 @@ def privacy_summary(job: AnonymiseJob, totals: dict[str, Any], index: PrivacyInd
     worst = max((v for v in (totals["max_source_similarity"], totals["max_real_similarity"]) if v is not None),
                 default=None)
     source = {"threshold_source": job.threshold_calibration} if job.threshold_calibration else {}
-    return {"threshold": job.threshold, **source, "index_fingerprint": index.fingerprint if index is not None else None,
+    # What the enrolled-people check covered: every written VIS image and every written NIR twin.
+    certified = None if index is None else ["VIS"] + (["NIR"] if totals["nir_written"] else [])
+    return {"threshold": job.threshold, **source, "certified": certified, "nir_written": bool(totals["nir_written"]),
+            "index_fingerprint": index.fingerprint if index is not None else None,
             "max_real_similarity": totals["max_real_similarity"],
             "max_source_similarity": totals["max_source_similarity"],
             "violations": None if job.threshold is None or worst is None else int(worst > job.threshold)}

@@ -60,6 +60,7 @@ def test_generated_faces_are_swapped_certified_written_and_resumed(setup, tmp_pa
     assert report["totals"]["sources"] == 5 and report["totals"]["written"] == len(manifest)
     assert (manifest.source_similarity <= 0.9).all() and (manifest.real_similarity <= 0.9).all()
     assert report["privacy"]["max_source_similarity"] == pytest.approx(manifest.source_similarity.max())
+    assert report["privacy"]["certified"] == ["VIS", "NIR"] and report["totals"]["nir_written"] == len(manifest)
     assert set(report["tradeoff"]) >= {"n=0", "n=3"}
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     # The certified similarity is what an auditor computes from the written PNG and the source's render.
@@ -199,3 +200,30 @@ def test_threshold_auto_is_the_index_calibration_for_this_embedder(setup, tmp_pa
     audit = json.loads(capsys.readouterr().out)
     assert audit["threshold"] == expected and audit["violations"] == 0 and audit["samples"] == 3
     assert audit["threshold_source"] == "calibrated at FMR 0.1 on 190 impostor pairs, from anonymise.json"
+
+
+def test_a_written_nir_twin_is_certified_like_its_vis_image(setup, tmp_path, capsys):
+    from facegen.models.generator import images_to_uint8
+
+    folder, space, emb = setup
+    sources = face_ws(space, 7, Stream.SWAP_SOURCE, np.arange(3), 0, 0.7)
+    targets = face_ws(space, 7, Stream.SWAP_TARGET, np.arange(3), 0, 0.7)
+    np.save(tmp_path / "src.npy", sources.numpy())
+    np.save(tmp_path / "tgt.npy", targets.numpy())
+    swapped = sources.clone()
+    swapped[:, 2:4] = targets[:, 2:4]
+    with torch.no_grad():
+        vis, nir = space.render_w_plus(swapped)
+    # "Real people" whose photos are exactly the NIR twins the swaps will write; their VIS images are
+    # not that close to anyone enrolled.
+    nir_people = emb.embed(images_to_uint8(nir)).numpy()
+    index = tmp_path / "index"
+    make_index(str(index), emb, nir_people)
+    assert (emb.embed(images_to_uint8(vis)).numpy() @ nir_people.T).max() < 0.99
+    out = tmp_path / "out"
+    args = _args(folder, out, "--latents", str(tmp_path / "src.npy"), "--targets", str(tmp_path / "tgt.npy"),
+                 "--layers", "2,3", "--curve-pairs", "0", "--index", str(index), "--threshold", "0.99")
+    assert main(args) == 0
+    totals = json.loads((out / "report.json").read_text())["totals"]
+    assert (totals["written"], totals["dropped"], totals["dropped_near_enrolled"]) == (0, 3, 3)
+    assert "3 to someone enrolled" in capsys.readouterr().err
