@@ -168,7 +168,6 @@ class Anonymiser:
                            metas=[metas[i] for i in kept])
         return batch, stats
 
-
     def _closest_enrolled(self, embedding: torch.Tensor, nir: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         """Max similarity to anyone enrolled and that row, over the VIS image and, when one is written,
         its NIR twin: a written NIR image is certified like the VIS one (NaN, never passing, wins)."""

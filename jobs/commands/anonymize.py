@@ -146,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
     if threshold == "auto":
         chosen = calibrated_threshold(index.info, args.fmr, args.index, ("--threshold", "--fmr"))
         threshold, calibration = chosen["threshold"], chosen["text"]
-        print(f"threshold: {threshold:.6f}, the index's, {calibration}")
     sources = _load_npy(args.latents) if args.latents else None
     targets = _load_npy(args.targets) if args.targets else None
     table = read_ranks(read_uri(args.ranks), args.ranks) if args.ranks else None
@@ -162,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     print_notes(embedder)
     if index is not None:
         index.check_compatible(embedder)
+    if calibration:
+        print(f"threshold: {threshold:.6f}, the index's, {calibration}")
     swapper = Swapper(space, embedder, job.metric, job.batch_size)
     out = Storage(args.out)
     progress = progress_callback("anonymize", "shard")
