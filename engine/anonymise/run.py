@@ -27,7 +27,7 @@ from facegen.engine.anonymise.swap import Swapper
 from facegen.engine.dataset.manifest import completed_shards
 from facegen.engine.dataset.samples import ShardBatch
 from facegen.engine.dataset.webdataset import WebDatasetWriter
-from facegen.engine.index.search import PrivacyIndex
+from facegen.engine.index.search import PrivacyIndex, reduce_max
 from facegen.engine.seeding import Stream
 from facegen.engine.storage import Storage
 from facegen.models.errors import UserError
@@ -152,7 +152,8 @@ class Anonymiser:
                 metas[row] = meta
             pending = pending[~passed]
         kept = [i for i in range(count) if metas[i] is not None]
-        stats = {"sources": count, "written": len(kept), "nir_written": sum(nir[i] is not None for i in kept),
+        has_nir = all(nir[i] is not None for i in kept)  # a generator writes a twin for every output or none
+        stats = {"sources": count, "written": len(kept), "nir_written": len(kept) if has_nir else 0,
                  "dropped": count - len(kept), "retried": retried,
                  "dropped_near_source": int(near_source[pending].sum()),
                  "dropped_near_enrolled": int(near_enrolled[pending].sum()),
@@ -161,7 +162,6 @@ class Anonymiser:
                  max((metas[i]["real_similarity"] for i in kept), default=None)}
         if not kept:
             return None, stats
-        has_nir = all(nir[i] is not None for i in kept)
         batch = ShardBatch(labels=sources.labels[kept], samples=np.zeros(len(kept), np.int64),
                            vis=np.stack([vis[i] for i in kept]),
                            nir=np.stack([nir[i] for i in kept]) if has_nir else None,
@@ -171,12 +171,10 @@ class Anonymiser:
     def _closest_enrolled(self, embedding: torch.Tensor, nir: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         """Max similarity to anyone enrolled and that row, over the VIS image and, when one is written,
         its NIR twin: a written NIR image is certified like the VIS one (NaN, never passing, wins)."""
-        sims, rows = (np.asarray(a) for a in self.index.max_similarity(embedding))
-        if nir is None:
-            return sims, rows
-        nir_sims, nir_rows = (np.asarray(a) for a in self.index.max_similarity(self.swapper.embedder.embed(nir).cpu()))
-        use_nir = ~(nir_sims <= sims)
-        return np.where(use_nir, nir_sims, sims).astype(np.float32), np.where(use_nir, nir_rows, rows)
+        closest = [self.index.max_similarity(embedding)]
+        if nir is not None:
+            closest.append(self.index.max_similarity(self.swapper.embedder.embed(nir).cpu()))
+        return reduce_max(closest)
 
 
 def seeded_targets(space, job: AnonymiseJob) -> Targets:
