@@ -15,6 +15,7 @@ import torch
 
 from facegen.engine.dataset.codec import round_trip
 from facegen.engine.index.protocol import Index
+from facegen.engine.index.search import reduce_max
 from facegen.engine.precision import Precision, recheck, reduced_embedder
 from facegen.engine.quality import Gate, no_gate
 from facegen.engine.repair import Repair, SwapTargets
@@ -135,10 +136,10 @@ class Bundle:
             seen = lossy_round_trip(vis, output.image_format, output.jpeg_quality)
         embedding, sims, rows, is_exact = self._embed_and_query(seen, exact)
         if self.spec.privacy.check_nir and nir is not None:
+            # The closer of the two to anyone enrolled; a NaN answer for the NIR twin stays NaN, so the
+            # candidate is refused as invalid rather than judged on its VIS image alone.
             _, nir_sims, nir_rows, _ = self._embed_and_query(nir, exact)
-            use_nir = np.asarray(nir_sims) > sims
-            sims = np.where(use_nir, nir_sims, sims).astype(np.float32)
-            rows = np.where(use_nir, nir_rows, rows).astype(np.int64)
+            sims, rows = reduce_max([(sims, rows), (nir_sims, nir_rows)])
         # NaN embeddings must never pass the filter: make them maximally similar.
         invalid = ~torch.isfinite(embedding).all(dim=1).cpu().numpy()
         sims[invalid] = np.inf

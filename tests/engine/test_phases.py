@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+import torch
 
 from facegen.engine.expand import expand_shard
 from facegen.engine.phases import Identities, Selection, propose
 from facegen.engine.seeding import Stream, draw_keys
+from facegen.models.embedder import TorchEmbedder
 from tests.engine.tiny import make_index, real_population, tiny_bundle, tiny_embedder, tiny_generator, tiny_spec
 
 
@@ -160,6 +162,29 @@ def test_nir_privacy_check_rejects_a_planted_nir_face(models, tmp_path):
     assert with_nir.real_sim[3] == pytest.approx(1.0, abs=1e-5)
     assert vis_only.real_sim[3] < 1.0 - 1e-3
     assert (with_nir.real_sim >= vis_only.real_sim - 1e-6).all()
+
+
+class _NanOnGrey(torch.nn.Module):
+    """An embedder module that fails (NaN features) on grey input: every NIR twin, never a VIS face."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        out = self.module(x)
+        grey = (x[:, :1] == x).flatten(1).all(dim=1)
+        return torch.where(grey[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_a_nan_nir_embedding_refuses_the_candidate(models, population_index, tmp_path):
+    generator, embedder = models
+    failing = TorchEmbedder(_NanOnGrey(embedder.module), embedder.preprocessing)
+    vis_only = propose(tiny_bundle(tiny_spec(str(tmp_path), **{"privacy.check_nir": "false"}), population_index,
+                                   generator, failing), np.arange(6))
+    with_nir = propose(tiny_bundle(tiny_spec(str(tmp_path)), population_index, generator, failing), np.arange(6))
+    assert (vis_only.verdict != "invalid").all() and np.isfinite(vis_only.real_sim).all()
+    assert (with_nir.verdict == "invalid").all() and np.isnan(with_nir.real_sim).all()
 
 
 def test_frontal_heuristic_matches_the_original_formula():
