@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=_threshold,
                    help="highest identity similarity an output may have to its source / anyone enrolled: a "
                         "number, or 'auto' for the --index's threshold calibrated at --fmr for this embedder")
-    p.add_argument("--fmr", type=float, default=1e-4,
+    p.add_argument("--fmr", type=float,
                    help="false-match rate of --threshold auto (default: 1e-4; `facegen index calibrate` adds others)")
     p.add_argument("--max-tries", type=int, default=4, help="random targets tried per source (default: 4)")
     add_seeded_face_options(p, batch=32)
@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--layers swaps whole W+ layers; use it with --space wplus")
     if args.threshold == "auto" and not args.index:
         raise UserError("--threshold auto is the --index's calibrated threshold: give --index, or a number")
+    if args.fmr is not None and (args.threshold != "auto" or not 0.0 < args.fmr < 1.0):
+        raise UserError("--fmr chooses the calibration of --threshold auto: a rate in (0, 1), with --threshold auto")
     if args.index and args.threshold is None:
         raise UserError("--index needs --threshold (the similarity no output may exceed)")
     if args.images and (not args.index or args.threshold is None):
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     index = PrivacyIndex.open(args.index) if args.index else None
     threshold, calibration = args.threshold, None
     if threshold == "auto":
-        chosen = calibrated_threshold(index.info, args.fmr, args.index, ("--threshold", "--fmr"))
+        chosen = calibrated_threshold(index.info, args.fmr or 1e-4, args.index, ("--threshold", "--fmr"))
         threshold, calibration = chosen["threshold"], chosen["text"]
     sources = _load_npy(args.latents) if args.latents else None
     targets = _load_npy(args.targets) if args.targets else None

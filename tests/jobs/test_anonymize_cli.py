@@ -180,7 +180,12 @@ def test_threshold_auto_is_the_index_calibration_for_this_embedder(setup, tmp_pa
     # Refused before any work: no index to calibrate, or no calibration at that FMR (named flags).
     assert main(_args(folder, never, "--n", "2", "--count", "3", "--threshold", "auto")) == 2
     assert main(_args(folder, never, "--n", "2", "--count", "3", "--index", str(index), "--threshold", "auto")) == 2
+    assert main(_args(folder, never, "--n", "2", "--count", "3", "--index", str(index), "--threshold", "auto",
+                      "--fmr", "0")) == 2
+    assert main(_args(folder, never, "--n", "2", "--count", "3", "--index", str(index), "--threshold", "0.5",
+                      "--fmr", "0.1")) == 2
     err = capsys.readouterr().err
+    assert err.count("--fmr chooses the calibration of --threshold auto") == 2
     assert "--threshold auto is the --index's calibrated threshold" in err
     assert "--threshold auto: the index" in err and "not calibrated at FMR 0.0001" in err and "calibrate" in err
     assert not never.exists()
